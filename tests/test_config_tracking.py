@@ -1,0 +1,72 @@
+"""Strict params loading and the per-stage tracking helper."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from align2llava.config import BaseParams, Section, load_section
+from align2llava.errors import ConfigError
+from align2llava.tracking import repo_root, stage_run
+
+
+class Demo(Section):
+    ratio: float = 0.3
+    name: str = "x"
+
+
+def write(tmp_path, text):
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_load_section_typed(tmp_path):
+    p = write(tmp_path, "demo:\n  ratio: 2.0e-5\n")
+    assert load_section("demo", Demo, p).ratio == pytest.approx(2e-5)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("demo:\n  ratoi: 0.1\n", "unknown key 'demo.ratoi'"),
+    ("demo:\n  ratio: abc\n", "demo.ratio:"),
+    ("other: {}\n", "missing section 'demo'"),
+    ("demo: [1, 2]\n", "section 'demo' must be a mapping"),
+    ("demo: {a: [\n", "not valid YAML"),
+])
+def test_bad_params_name_file_and_key(tmp_path, text, expected):
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=expected) as err:
+        load_section("demo", Demo, p)
+    assert str(p) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_repo_params_base_section_loads():
+    from tests.conftest import ROOT
+
+    base = load_section("base", BaseParams, ROOT / "params.yaml")
+    assert base.base_model
+
+
+def test_stage_run_writes_metrics_and_mlflow(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-1")
+    with stage_run("select", {"select": {"keep_ratio": 0.3}}) as run:
+        run.log_step({"loss": 1.0}, step=0)
+        run.log_metrics({"kept": 9, "per_type": {"detail": 3}, "note": "ok"})
+    data = json.loads((tmp_path / "metrics" / "select.json").read_text())
+    assert data == {"kept": 9, "per_type": {"detail": 3}, "note": "ok"}
+
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["align2llava"], output_format="list")
+    r = runs[0]
+    assert r.data.tags["stage"] == "select" and r.data.tags["dvc_exp_name"] == "exp-1"
+    assert r.data.params["select.keep_ratio"] == "0.3"
+    assert r.data.metrics["kept"] == 9 and r.data.metrics["per_type.detail"] == 3
+
+
+def test_repo_root_inside_dvc_queue_workspace(tmp_path):
+    ws = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "run" / "abc"
+    assert repo_root(ws) == tmp_path / "proj"
+    assert repo_root(tmp_path) == tmp_path
