@@ -1,0 +1,53 @@
+"""DVC stage `select`: keep the top alpha by question score, then the top beta by answer score,
+per task type (or a same-size baseline: random, length, all).
+
+    python -m stages.select            # reads params.yaml (base, select)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import click
+
+from align2llava.clikit import setup_logging, user_errors
+
+log = logging.getLogger("stages.select")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(path_type=Path), help="The params file to read (sections base and select).")
+@click.option("--scores", default="data/score/scores.jsonl", show_default=True, type=click.Path(path_type=Path), help="Score sidecar written by the `score` stage.")
+@click.option("--out-dir", default="data/select", show_default=True, type=click.Path(path_type=Path), help="Where selected.json and audit.jsonl go.")
+@click.option("--plots-dir", default="plots/select", show_default=True, type=click.Path(path_type=Path), help="Where funnel.csv and histogram.csv go.")
+@click.option("--metrics-dir", default="metrics", show_default=True, type=click.Path(path_type=Path), help="Where select.json goes.")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(params_file: Path, scores: Path, out_dir: Path, plots_dir: Path, metrics_dir: Path, verbose: bool) -> None:
+    """Select the curated subset of the pool (base.pool) from its reward scores."""
+    setup_logging(verbose)
+    with user_errors():
+        from align2llava.config import load_base, load_section
+        from align2llava.selection import SelectParams, run_select
+        from align2llava.tracking import stage_run
+
+        base = load_base(params_file)
+        params = load_section("select", SelectParams, params_file)
+        resolved = {"base": base.model_dump(), "select": params.model_dump()}
+        t0 = time.perf_counter()
+        with stage_run("select", resolved, metrics_dir=metrics_dir) as run:
+            result = run_select(base.pool, scores, params, out_dir, plots_dir)
+            run.log_metrics(result.metrics)
+        m = result.metrics
+        for name, c in result.counts.items():
+            log.info("%s: %s -> %s by question -> %s by answer", name, f"{c['pool']:,}", f"{c['question']:,}", f"{c['answer']:,}")
+        log.info(
+            "method %s: kept %s/%s (%.1f%%) in %.1f s -> %s",
+            params.method, f"{m['kept']:,}", f"{m['pool']:,}", 100 * m["keep_ratio_overall"],
+            time.perf_counter() - t0, out_dir / "selected.json",
+        )
+
+
+if __name__ == "__main__":
+    main()
