@@ -82,5 +82,39 @@ def convert(src: Path, dst: Path, src_fmt: str | None, dst_fmt: str | None) -> N
     click.echo(f"wrote {len(loaded.records):,} records to {dst}")
 
 
+@main.command("import-annotations")
+@click.option("--format", "fmt", required=True, type=click.Choice(["align2llava", "labelstudio", "table"]), help="align2llava: the paper's released question/answer files; labelstudio: a Label Studio JSON export; table: CSV/JSONL rows (group, image, kind, candidate, score, prompt).")
+@click.option("--questions", type=click.Path(path_type=Path), help="align2llava: the question-preference file.")
+@click.option("--answers", type=click.Path(path_type=Path), help="align2llava: the answer-preference file.")
+@click.option("--input", "input_", type=click.Path(path_type=Path), help="labelstudio / table: the input file.")
+@click.option("--out-dir", required=True, type=click.Path(path_type=Path), help="Writes pairs.jsonl and rejects.jsonl here.")
+@click.option("--image-root", type=click.Path(path_type=Path), help="Reject rows whose image is not a file under this folder.")
+@click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Fraction of images held out for validation.")
+@click.option("--rating-max", type=int, default=5, show_default=True, help="Label Studio rating scale maximum (ratings 1..max map to [0, 1]).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image split.")
+@click.option("--reject-budget", type=float, default=0.01, show_default=True, help="Rejected rows allowed per file: a fraction (< 1) or a count (>= 1).")
+def import_annotations_cmd(fmt: str, questions: Path | None, answers: Path | None, input_: Path | None, out_dir: Path, image_root: Path | None, val_fraction: float, rating_max: int, seed: int, reject_budget: float) -> None:
+    """Turn human preference annotations into strict (chosen, rejected) pairs: OUT_DIR/pairs.jsonl.
+
+    Every two candidates of a group with different scores make one pair; ties make none.
+    """
+    from .annotations import import_annotations
+
+    with user_errors():
+        if image_root is not None and not image_root.is_dir():
+            raise click.ClickException(f"{image_root}: image root is not a folder")
+        res = import_annotations(
+            fmt, questions=questions, answers=answers, input=input_, out_dir=out_dir,
+            image_root=image_root, rating_max=rating_max, val_fraction=val_fraction, seed=seed,
+            reject_budget=reject_budget,
+        )
+    m = res.metrics()
+    click.echo(
+        f"wrote {m['pairs']:,} pairs to {out_dir / 'pairs.jsonl'}: {m['pairs_question']:,} question, "
+        f"{m['pairs_answer']:,} answer ({m['pairs_train']:,} train, {m['pairs_val']:,} val); "
+        f"{m['ties_dropped']:,} ties dropped; {m['rejected_rows']:,} rows rejected"
+    )
+
+
 if __name__ == "__main__":
     main()
