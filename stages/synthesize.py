@@ -1,0 +1,55 @@
+"""Stage `synthesize`: the demo world from the easy-vqa package.
+
+Writes data/synthesize/: images/, pool.json, oracle.jsonl, captions.jsonl, annotations/
+(simulated) and benchmark/. See align2llava/synthesis.py for what each holds.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from align2llava.clikit import setup_logging, user_errors
+from align2llava.config import PARAMS_FILE, load_base, load_section
+from align2llava.synthesis import SynthesizeParams, synthesize
+from align2llava.tracking import stage_run
+
+log = logging.getLogger("stages.synthesize")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--params", "params_file", type=click.Path(path_type=Path), default=PARAMS_FILE,
+              show_default=True, help="The params file (sections `base` and `synthesize`).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("data/synthesize"),
+              show_default=True, help="Output folder.")
+@click.option("--source", type=click.Path(path_type=Path), default=None,
+              help="An easy-vqa data folder (train/ and test/); default: the installed package's.")
+@click.option("--metrics-dir", type=click.Path(path_type=Path), default=Path("metrics"), show_default=True,
+              help="Where metrics/synthesize.json goes.")
+def main(params_file: Path, out_dir: Path, source: Path | None, metrics_dir: Path) -> None:
+    """Build the demo's instruction pool, simulated annotations, benchmark and captions."""
+    setup_logging()
+    with user_errors():
+        base = load_base(params_file)
+        params = load_section("synthesize", SynthesizeParams, params_file)
+        logged = {"base": base.model_dump(), "synthesize": params.model_dump()}
+        with stage_run("synthesize", logged, metrics_dir=metrics_dir) as run:
+            m = synthesize(params, base.seed, out_dir, source)
+            run.log_metrics(m)
+    pool, ann = m["pool"], m["annotations"]
+    log.info("pool: %s records (%s conversation, %s detail, %s complex_reasoning), %.1f%% clean",
+             f"{pool['total']:,}", pool["conversation"], pool["detail"], pool["complex_reasoning"],
+             100 * m["clean_fraction"]["all"])
+    log.info("defect rates: %s", ", ".join(f"{k} {v:.1%}" for k, v in m["defect_rate"].items()))
+    log.info("annotations: %s records, %s groups, %s candidates, %s strict pairs, tie rate %.1f%%",
+             ann["records"], ann["groups"], ann["candidates"], f"{ann['strict_pairs']:,}",
+             100 * ann["tie_rate"])
+    log.info("benchmark: %s vqa + %s pope; %s captions; %s images -> %s in %.1f s",
+             sum(m["benchmark"][t] for t in ("shape", "color", "yes_no")), m["benchmark"]["pope"],
+             f"{m['captions']:,}", f"{m['images']:,}", out_dir, m["seconds"])
+
+
+if __name__ == "__main__":
+    main()
