@@ -1,0 +1,51 @@
+"""Stage `evaluate`: the fine-tuned model on the demo benchmark, the POPE probe and, when
+`evaluate.eval_file` is set, a user eval file in LLaVA format with gold answers."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from align2llava.clikit import setup_logging, user_errors
+from align2llava.config import PARAMS_FILE, load_base, load_section
+from align2llava.evaluation import EvaluateParams, evaluate
+from align2llava.io import write_jsonl
+from align2llava.rejects import Rejects
+from align2llava.tracking import stage_run
+
+log = logging.getLogger("stages.evaluate")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--params", "params_file", type=click.Path(path_type=Path), default=PARAMS_FILE, show_default=True, help="The params file (sections `base` and `evaluate`).")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), default="models/finetune", show_default=True, help="The model to evaluate (HF layout).")
+@click.option("--eval-file", type=click.Path(path_type=Path), help="A LLaVA-format file with gold answers (overrides evaluate.eval_file).")
+@click.option("--out", type=click.Path(path_type=Path), default="data/evaluate", show_default=True, help="Folder for predictions.jsonl and rejects.jsonl.")
+@click.option("--metrics-dir", type=click.Path(path_type=Path), default="metrics", show_default=True)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(params_file: Path, model_dir: Path, eval_file: Path | None, out: Path, metrics_dir: Path, verbose: bool) -> None:
+    """Answer every benchmark question with batched greedy generation and score the answers.
+
+    Metrics: benchmark_accuracy (+ per type), pope_accuracy/f1/yes_ratio, and eval_exact_match,
+    eval_vqa_accuracy for a user file -> metrics/evaluate.json; answers -> predictions.jsonl.
+    """
+    setup_logging(verbose)
+    with user_errors():
+        base = load_base(params_file)
+        params = load_section("evaluate", EvaluateParams, params_file)
+        if eval_file is not None:
+            params = params.model_copy(update={"eval_file": str(eval_file)})
+        logged = {"base": base.model_dump(), "evaluate": params.model_dump()}
+        with stage_run("evaluate", logged, metrics_dir=metrics_dir) as run:
+            result = evaluate(params, model_dir=model_dir, image_root=base.image_root, dtype=base.dtype)
+            write_jsonl(result.predictions, out / "predictions.jsonl")
+            (result.rejects or Rejects(str(params.eval_file), params.reject_budget)).write(out / "rejects.jsonl")
+            run.log_metrics(result.metrics)
+    shown = {k: v for k, v in result.metrics.items() if k.endswith(("accuracy", "f1", "yes_ratio", "match"))}
+    log.info("predictions -> %s; %s", out / "predictions.jsonl", ", ".join(f"{k}={v}" for k, v in shown.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Stage `finetune`: LLaVA visual instruction tuning of the base MLLM on the curated set.
+
+    python -m stages.finetune                      # one CPU or GPU
+    accelerate launch -m stages.finetune           # many GPUs (configure with `accelerate config`)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from align2llava.clikit import setup_logging, user_errors
+from align2llava.config import PARAMS_FILE, load_base, load_section
+from align2llava.finetune import FinetuneParams, finetune, write_steps_csv
+from align2llava.tracking import stage_run
+
+log = logging.getLogger("stages.finetune")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--params", "params_file", type=click.Path(path_type=Path), default=PARAMS_FILE, show_default=True, help="The params file (sections `base` and `finetune`).")
+@click.option("--data", type=click.Path(path_type=Path), default="data/restyle/curated.json", show_default=True, help="Training records (LLaVA JSON); images resolve under base.image_root.")
+@click.option("--out", type=click.Path(path_type=Path), default="models/finetune", show_default=True, help="Where the merged model is saved (HF layout).")
+@click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default="plots/finetune", show_default=True, help="Folder for steps.csv (step,loss).")
+@click.option("--metrics-dir", type=click.Path(path_type=Path), default="metrics", show_default=True)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(params_file: Path, data: Path, out: Path, plots_dir: Path, metrics_dir: Path, verbose: bool) -> None:
+    """Fine-tune base.base_model on DATA: loss on assistant turns only, LoRA or full.
+
+    Checkpoints go to finetune.checkpoint_dir and an interrupted run resumes from the last one.
+    Metrics: losses, train_seconds, tokens_per_second, peak memory -> metrics/finetune.json.
+    """
+    setup_logging(verbose)
+    with user_errors():
+        base = load_base(params_file)
+        params = load_section("finetune", FinetuneParams, params_file)
+        logged = {"base": base.model_dump(), "finetune": params.model_dump()}
+        with stage_run("finetune", logged, metrics_dir=metrics_dir) as run:
+            result = finetune(
+                params,
+                base_model=base.base_model,
+                data=data,
+                image_root=base.image_root,
+                out_dir=out,
+                dtype=base.dtype,
+                on_step=lambda step, values: run.log_step(values, step),
+            )
+            write_steps_csv(result.steps, plots_dir / "steps.csv")
+            run.log_metrics(result.metrics)
+    log.info("model -> %s, loss curve -> %s", out, plots_dir / "steps.csv")
+
+
+if __name__ == "__main__":
+    main()
