@@ -397,6 +397,7 @@ def merged(model: Any) -> Any:
 class FinetuneResult:
     metrics: dict[str, Any]
     steps: list[dict[str, float]]  # [{"step", "loss", "learning_rate"}]
+    model: Any = None  # the merged model, as saved
 
 
 def fingerprint(params: FinetuneParams, data: Path, base_model: Path) -> str:
@@ -507,7 +508,7 @@ def finetune(
         lr_scheduler_type=params.lr_scheduler_type,
         weight_decay=params.weight_decay,
         max_grad_norm=params.max_grad_norm,
-        gradient_checkpointing=params.gradient_checkpointing,
+        activation_checkpointing=params.gradient_checkpointing,
         logging_steps=params.logging_steps,
         save_strategy="steps",
         save_steps=params.save_steps,
@@ -517,6 +518,7 @@ def finetune(
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=params.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=None,
     )
 
@@ -588,7 +590,7 @@ def finetune(
         metrics["steps"], epochs, seconds, f"{metrics['tokens_per_second']:,.0f}",
         metrics["first_loss"] or float("nan"), metrics["final_loss"] or float("nan"),
     )
-    return FinetuneResult(metrics, steps)
+    return FinetuneResult(metrics, steps, final)
 
 
 def _step_of(checkpoint: Path) -> int:

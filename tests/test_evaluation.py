@@ -1,0 +1,199 @@
+"""evaluate: answer normalisation and extraction, POPE and VQA metrics on hand-made rows,
+strict benchmark reading, the user eval file's reject budget, batched generation equal to
+one-at-a-time, and the stage through CliRunner on a tiny random LLaVA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from align2llava.errors import DataError, RejectBudgetExceeded
+from align2llava.evaluation import (
+    Item,
+    benchmark_metrics,
+    extract_answer,
+    generate_answers,
+    normalize,
+    pope_metrics,
+    read_benchmark,
+    read_eval_file,
+    score_items,
+    vqa_accuracy,
+    yes_no,
+)
+from tests.conftest import ROOT, llava_record
+
+
+def test_normalize():
+    assert normalize("The shape is a Circle.") == "shape is circle"
+    assert normalize("Two!") == "2"
+    assert normalize("3.5 apples") == "3.5 apples"
+    assert normalize("light-blue") == "light blue"
+    assert normalize("It isn't red") == "it isnt red"
+
+
+def test_extract_answer_first_candidate_longest_wins():
+    cands = ["red", "blue", "light blue"]
+    assert extract_answer("It is a light blue circle, not red.", cands) == "light blue"
+    assert extract_answer("Red. Definitely not blue.", cands) == "red"
+    assert extract_answer("bluer than ever", cands) == "bluer than ever"  # whole words only
+    assert extract_answer("I cannot tell", cands) == "i cannot tell"
+
+
+def test_yes_no_follows_the_pope_rule():
+    assert yes_no("Yes, there is.") == "yes"
+    assert yes_no("No.") == "no"
+    assert yes_no("There is not a circle") == "no"
+    assert yes_no("a red circle") == "yes"
+    assert yes_no("no, yes") == "no"
+
+
+def test_vqa_accuracy():
+    assert vqa_accuracy("Red", ["red"]) == 1.0
+    assert vqa_accuracy("blue", ["red"]) == 0.0
+    ten = ["red"] * 2 + ["dark red"] * 8
+    assert vqa_accuracy("red", ten) == pytest.approx(2 / 3)
+    assert vqa_accuracy("dark red", ten) == 1.0
+
+
+def _items():
+    return [
+        Item("v1", "vqa", "shape", "What shape?", ["circle"], "a.png"),
+        Item("v2", "vqa", "shape", "What shape?", ["triangle"], "a.png"),
+        Item("v3", "vqa", "color", "What color?", ["red"], "a.png"),
+        Item("v4", "vqa", "yes_no", "Is it red?", ["yes"], "a.png"),
+        Item("p1", "pope", "pope", "Is there a circle?", ["yes"], "a.png"),
+        Item("p2", "pope", "pope", "Is there a circle?", ["yes"], "a.png"),
+        Item("p3", "pope", "pope", "Is there a square?", ["no"], "a.png"),
+        Item("p4", "pope", "pope", "Is there a square?", ["no"], "a.png"),
+    ]
+
+
+def test_scores_and_metrics_on_known_rows():
+    preds = ["It is a circle.", "circle", "red", "No", "Yes", "no", "Yes.", "There is no square."]
+    rows = score_items(_items(), preds)
+    assert [r["correct"] for r in rows] == [True, False, True, False, True, False, False, True]
+    assert rows[0]["extracted"] == "circle" and rows[0]["exact_match"] is False
+    m = benchmark_metrics([r for r in rows if r["source"] == "vqa"])
+    assert m["benchmark_accuracy"] == 0.5
+    assert m["benchmark_accuracy_shape"] == 0.5
+    assert m["benchmark_accuracy_color"] == 1.0
+    assert m["benchmark_accuracy_yes_no"] == 0.0
+    assert m["benchmark_exact_match"] == 0.25
+    p = pope_metrics([r for r in rows if r["source"] == "pope"])
+    # tp=1 (p1), fn=1 (p2), fp=1 (p3), tn=1 (p4)
+    assert p["pope_accuracy"] == 0.5 and p["pope_precision"] == 0.5 and p["pope_recall"] == 0.5
+    assert p["pope_f1"] == 0.5 and p["pope_yes_ratio"] == 0.5
+    all_yes = pope_metrics(score_items(_items()[4:], ["yes"] * 4))
+    assert all_yes["pope_yes_ratio"] == 1.0 and all_yes["pope_recall"] == 1.0
+    assert all_yes["pope_f1"] == pytest.approx(2 * 0.5 / 1.5, abs=1e-4)
+
+
+def _write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_read_benchmark_is_strict(tmp_path):
+    good = {"id": "q1", "image": "a.png", "question": "What shape?", "answer": "circle", "type": "shape"}
+    assert read_benchmark(_write_jsonl(tmp_path / "v.jsonl", [good]), "vqa")[0].answers == ["circle"]
+    bad = dict(good, id="q2")
+    del bad["answer"]
+    with pytest.raises(DataError, match=r"v\.jsonl: record 1 \(id q2\): missing 'answer'"):
+        read_benchmark(_write_jsonl(tmp_path / "v.jsonl", [good, bad]), "vqa")
+    with pytest.raises(DataError, match="must be yes or no"):
+        read_benchmark(_write_jsonl(tmp_path / "p.jsonl", [dict(good, type="pope")]), "pope")
+
+
+def test_eval_file_rejects_against_budget(tmp_path, image_root):
+    recs = [llava_record(f"e{i}", "a.png", turns=[("What color?", "red")]) for i in range(4)]
+    recs[1]["conversations"][1]["value"] = ["red", "dark red"]  # several gold answers
+    recs[2]["image"] = "missing.png"
+    path = tmp_path / "eval.json"
+    path.write_text(json.dumps(recs))
+    items, rejects = read_eval_file(path, image_root, budget=1)
+    assert [i.id for i in items] == ["e0", "e1", "e3"] and items[1].answers == ["red", "dark red"]
+    assert rejects.count == 1 and rejects.rows[0]["id"] == "e2"
+    with pytest.raises(RejectBudgetExceeded, match="rejected 1 of 4"):
+        read_eval_file(path, image_root, budget=0.1)
+
+
+@pytest.fixture(scope="module")
+def mllm(tiny_llava):
+    from align2llava.modeling import load_mllm
+
+    return load_mllm(tiny_llava)
+
+
+def test_batched_generation_equals_one_at_a_time(mllm, image_root):
+    model, processor = mllm
+    items = [
+        Item("1", "vqa", "color", "What color is the shape?", ["red"], "a.png"),
+        Item("2", "vqa", "shape", "Is there a long question about the shape here, yes or no?", ["yes"], "b.png"),
+        Item("3", "vqa", "color", "Color?", ["blue"], "b.png"),
+    ]
+    batched = generate_answers(model, processor, items, image_root=image_root, batch_size=3, max_new_tokens=6)
+    single = generate_answers(model, processor, items, image_root=image_root, batch_size=1, max_new_tokens=6)
+    assert batched == single and len(batched) == 3 and any(batched)
+
+
+def _bench(tmp_path) -> tuple[Path, Path]:
+    vqa = [
+        {"id": f"v{i}", "image": img, "question": q, "answer": a, "type": t}
+        for i, (img, q, a, t) in enumerate([
+            ("a.png", "What shape is in the image?", "rectangle", "shape"),
+            ("a.png", "What color is the shape?", "red", "color"),
+            ("b.png", "What color is the shape?", "blue", "color"),
+            ("b.png", "Is the shape blue?", "yes", "yes_no"),
+        ])
+    ]
+    pope = [
+        {"id": f"p{i}", "image": "a.png", "question": f"Is there a {s} in the image?", "answer": a, "type": "pope"}
+        for i, (s, a) in enumerate([("rectangle", "yes"), ("circle", "no")])
+    ]
+    return _write_jsonl(tmp_path / "vqa.jsonl", vqa), _write_jsonl(tmp_path / "pope.jsonl", pope)
+
+
+def test_stage_cli(tiny_llava, image_root, tmp_path, monkeypatch):
+    from stages.evaluate import main
+
+    monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
+    monkeypatch.chdir(tmp_path)
+    vqa, pope = _bench(tmp_path)
+    eval_file = tmp_path / "mine.json"
+    eval_file.write_text(json.dumps([llava_record("u1", "a.png", turns=[("What color?", "red")])]))
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["base"].update(image_root=str(image_root))
+    data["evaluate"].update(vqa_file=str(vqa), pope_file=str(pope), max_new_tokens=4, batch_size=4,
+                            eval_image_root=str(image_root))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(main, ["--params", "params.yaml", "--model", str(tiny_llava), "--eval-file", str(eval_file)])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    for key in ("benchmark_accuracy", "benchmark_accuracy_shape", "benchmark_accuracy_color",
+                "benchmark_accuracy_yes_no", "pope_accuracy", "pope_f1", "pope_yes_ratio",
+                "eval_exact_match", "eval_vqa_accuracy", "eval_seconds", "peak_rss_mb"):
+        assert key in metrics, key
+    assert metrics["benchmark_count"] == 4 and metrics["pope_count"] == 2 and metrics["eval_count"] == 1
+    preds = [json.loads(line) for line in open(tmp_path / "data" / "evaluate" / "predictions.jsonl")]
+    assert [p["id"] for p in preds] == ["v0", "v1", "v2", "v3", "p0", "p1", "u1"]
+    assert all(isinstance(p["prediction"], str) for p in preds)
+    assert (tmp_path / "data" / "evaluate" / "rejects.jsonl").read_text() == ""
+
+
+def test_stage_cli_bad_benchmark_is_one_line_error(tiny_llava, image_root, tmp_path, monkeypatch):
+    from stages.evaluate import main
+
+    monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
+    monkeypatch.chdir(tmp_path)
+    vqa = _write_jsonl(tmp_path / "vqa.jsonl", [{"id": "v0", "image": "a.png", "question": "Q?"}])
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["evaluate"].update(vqa_file=str(vqa), pope_file=None)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(main, ["--params", "params.yaml", "--model", str(tiny_llava)])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert f"Error: {vqa}: record 0 (id v0): missing 'answer', 'type'" in res.output
