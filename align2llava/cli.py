@@ -116,5 +116,50 @@ def import_annotations_cmd(fmt: str, questions: Path | None, answers: Path | Non
     )
 
 
+
+@main.command()
+@click.option("--ratios", default="0.09,0.3", show_default=True, help="Overall keep ratios (alpha x beta, split evenly) for the selected runs.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds; each sets select.seed and finetune.seed.")
+@click.option("--methods", default="reward,random,full", show_default=True, help="Of: reward (selection + restyle), reward_raw (selection only), random, full.")
+@click.option("--jobs", "-j", type=int, default=1, show_default=True, help="Experiments run at a time (dvc queue start -j).")
+@click.option("--out", "out_csv", type=click.Path(path_type=Path), default="reports/compression.csv", show_default=True, help="Per-run CSV (a DVC plot); a Markdown table goes next to it (.md).")
+@click.option("--prefix", default="cmp", show_default=True, help="Experiment names are PREFIX-METHOD-PERCENT-sSEED.")
+@click.option("--rev", help="Baseline commit the experiments hang off (default: HEAD).")
+@click.option("--collect-only", is_flag=True, help="Queue and run nothing; collect what has finished.")
+@click.option("--dry-run", is_flag=True, help="Print the `dvc exp run --queue` commands and stop.")
+@click.option("--poll", "poll_s", type=float, default=30.0, show_default=True, help="Seconds between progress checks.")
+@click.option("--timeout", "timeout_s", type=float, help="Give up waiting after this many seconds (runs continue; collect later).")
+def compression(ratios: str, seeds: str, methods: str, jobs: int, out_csv: Path, prefix: str, rev: str | None,
+                collect_only: bool, dry_run: bool, poll_s: float, timeout_s: float | None) -> None:
+    """The compression experiment: reward-curated vs random subsets vs full data.
+
+    Queues one `dvc exp run --queue -S ...` per method, keep ratio and seed (runs already
+    finished are reused, failed ones rerun), runs the queue, waits, collects every run's
+    metrics from `dvc exp show --json` into OUT and prints mean +- std per method and ratio.
+    Run it from the repo root with the pipeline committed and reproduced once (`make demo`).
+    """
+    import shlex
+    import sys
+
+    from .experiments import compression as run_compression
+    from .experiments import parse_list, plan_runs, queue_command
+
+    with user_errors():
+        ratio_list, seed_list = parse_list(ratios, float), parse_list(seeds, int)
+        method_list = parse_list(methods, str)
+        if dry_run:
+            for run in plan_runs(ratio_list, seed_list, method_list, prefix):
+                click.echo(shlex.join(queue_command(run)))
+            return
+        dvc = str(Path(sys.executable).with_name("dvc"))
+        result = run_compression(
+            ratio_list, seed_list, method_list, out_csv=out_csv, out_md=out_csv.with_suffix(".md"),
+            jobs=jobs, prefix=prefix, collect_only=collect_only, rev=rev, poll_s=poll_s,
+            timeout_s=timeout_s, command_line="align2llava compression " + shlex.join(sys.argv[2:]),
+            dvc=dvc if Path(dvc).exists() else "dvc",
+        )
+    click.echo(result.table)
+    click.echo(f"{len(result.rows)} runs -> {out_csv}" + (f"; failed: {', '.join(result.failed)}" if result.failed else ""))
+
 if __name__ == "__main__":
     main()

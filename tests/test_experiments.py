@@ -1,0 +1,186 @@
+"""The compression experiment without DVC: the run plan and its -S overrides, parsing a
+`dvc exp show --json` document, rows, mean +- std, and the queue/wait/collect flow against a
+fake dvc."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from align2llava.errors import Align2LlavaError
+from align2llava.experiments import (
+    COLUMNS,
+    RunSpec,
+    compression,
+    experiment_rows,
+    format_table,
+    mean_std,
+    parse_exp_show,
+    plan_runs,
+    queue_command,
+    summarize,
+)
+
+
+def test_plan_and_overrides():
+    runs = plan_runs([0.09, 0.3], [0, 1], ["reward", "random", "full"])
+    assert len(runs) == 2 * (2 + 2 + 1)
+    assert len({r.name for r in runs}) == len(runs)
+    r = RunSpec("random", 0.3, 1)
+    p = r.set_params()
+    assert p["select.method"] == "random" and p["restyle.enabled"] is False
+    assert p["select.question_keep_ratio"] * p["select.keep_ratio"] == pytest.approx(0.3, abs=1e-5)
+    assert p["select.seed"] == p["finetune.seed"] == 1
+    assert RunSpec("reward", 0.09, 0).set_params()["select.question_keep_ratio"] == 0.3
+    assert RunSpec("full", 1.0, 2).set_params()["select.method"] == "all"
+    cmd = queue_command(RunSpec("reward_raw", 0.09, 2))
+    assert cmd[:6] == ["dvc", "exp", "run", "--queue", "-n", "cmp-reward-raw-9-s2"]
+    assert "restyle.enabled=false" in cmd and "select.method=reward" in cmd
+    with pytest.raises(Align2LlavaError, match="unknown method 'best'"):
+        plan_runs([0.1], [0], ["best"])
+    with pytest.raises(Align2LlavaError, match="not in"):
+        plan_runs([0.0], [0], ["reward"])
+
+
+def _exp(name, method, ratio, seed, acc, f1=0.5, restyle=None, state="success", error=None):
+    restyle = (method == "reward") if restyle is None else restyle
+    alpha = 1.0 if method == "all" else ratio ** 0.5
+    return {
+        "revs": [{
+            "rev": f"{abs(hash(name)):040d}"[:40],
+            "name": name,
+            "error": error,
+            "data": {
+                "params": {"params.yaml": {"data": {
+                    "select": {"method": method, "question_keep_ratio": alpha, "keep_ratio": alpha, "seed": seed},
+                    "restyle": {"enabled": restyle},
+                    "finetune": {"seed": seed, "learning_rate": 2e-4},
+                }}},
+                "metrics": {
+                    "metrics/evaluate.json": {"data": {"benchmark_accuracy": acc, "pope_f1": f1, "eval_seconds": 40.0}},
+                    "metrics/finetune.json": {"data": {"train_seconds": 100 * ratio, "train_records": int(900 * ratio)}},
+                },
+            },
+        }],
+        "executor": {"state": state},
+        "name": name,
+    }
+
+
+def exp_show_doc(exps):
+    """The shape `dvc exp show --json` prints: workspace, then the baseline with its experiments."""
+    return [
+        {"rev": "workspace", "name": None, "data": {}, "error": None, "experiments": None},
+        {"rev": "a" * 40, "name": "main", "data": {}, "error": None, "experiments": exps},
+    ]
+
+
+EXPS = [
+    _exp("cmp-reward-9-s0", "reward", 0.09, 0, 0.70),
+    _exp("cmp-reward-9-s1", "reward", 0.09, 1, 0.60),
+    _exp("cmp-random-9-s0", "random", 0.09, 0, 0.50, restyle=False),
+    _exp("cmp-full-100-s0", "all", 1.0, 0, 0.65),
+    _exp("cmp-reward-raw-9-s0", "reward", 0.09, 0, 0.62, restyle=False),
+    _exp("cmp-random-9-s1", "random", 0.09, 1, 0.9, restyle=False, state="failed", error={"msg": "failed"}),
+    _exp("other-exp", "reward", 0.09, 0, 0.99),
+]
+
+
+def test_parse_and_rows():
+    exps = parse_exp_show(exp_show_doc(EXPS))
+    assert len(exps) == len(EXPS)
+    first = exps[0]
+    assert first["params"]["select.method"] == "reward" and first["metrics"]["evaluate"]["benchmark_accuracy"] == 0.7
+    assert exps[5]["state"] == "failed"
+    rows = experiment_rows(exps)
+    assert [(r["method"], r["keep_ratio"], r["seed"]) for r in rows] == [
+        ("reward", 0.09, 0), ("reward", 0.09, 1), ("reward_raw", 0.09, 0), ("random", 0.09, 0), ("full", 1.0, 0),
+    ]
+    assert rows[0]["benchmark_accuracy"] == 0.7 and rows[0]["train_records"] == 81
+    assert rows[0]["pope_accuracy"] is None  # missing metrics stay empty, not zero
+
+
+def test_mean_std_and_table():
+    assert mean_std([1.0]) == (1.0, 0.0)
+    m, s = mean_std([0.6, 0.7])
+    assert m == pytest.approx(0.65) and s == pytest.approx(0.0707107, abs=1e-6)
+    summary = summarize(experiment_rows(parse_exp_show(exp_show_doc(EXPS))))
+    reward = next(x for x in summary if x["method"] == "reward")
+    assert reward["seeds"] == 2 and reward["benchmark_accuracy"][0] == pytest.approx(0.65)
+    table = format_table(summary)
+    assert "| reward | 0.09 | 2 | 0.650 +- 0.071 |" in table
+    assert "| full | 1.00 | 1 | 0.650 +- 0.000 |" in table
+
+
+class FakeDvc:
+    """Answers the dvc commands the experiment issues; queued runs finish on `queue start`."""
+
+    def __init__(self, exps):
+        self.exps = {e["name"]: e for e in exps}
+        self.calls: list[list[str]] = []
+
+    def __call__(self, cmd):
+        self.calls.append(cmd)
+        if cmd[1:3] == ["exp", "show"]:
+            return json.dumps(exp_show_doc(list(self.exps.values())))
+        if cmd[1:3] == ["exp", "remove"]:
+            for n in cmd[3:]:
+                self.exps.pop(n)
+            return ""
+        if cmd[1:4] == ["exp", "run", "--queue"]:
+            name = cmd[cmd.index("-n") + 1]
+            sets = dict(a.split("=", 1) for a in cmd[cmd.index("-S"):] if a != "-S")
+            method = {"reward": "reward", "random": "random", "all": "all"}[sets["select.method"]]
+            ratio = float(sets["select.question_keep_ratio"]) * float(sets["select.keep_ratio"])
+            self.exps[name] = _exp(name, method, ratio, int(sets["finetune.seed"]), 0.55,
+                                   restyle=sets["restyle.enabled"] == "true", state="queued")
+            return ""
+        if cmd[1:3] == ["queue", "start"]:
+            for e in self.exps.values():
+                if e["executor"]["state"] == "queued":
+                    e["executor"]["state"] = "success"
+            return ""
+        raise AssertionError(f"unexpected command {cmd}")
+
+
+def test_compression_queues_missing_reruns_failed_and_collects(tmp_path):
+    fake = FakeDvc(EXPS)
+    out = tmp_path / "reports" / "compression.csv"
+    result = compression([0.09], [0, 1], ["reward", "random", "full"], out_csv=out,
+                         out_md=tmp_path / "reports" / "compression.md", runner=fake, poll_s=0,
+                         command_line="align2llava compression --ratios 0.09 --seeds 0,1")
+    queued = [c[c.index("-n") + 1] for c in fake.calls if c[1:4] == ["exp", "run", "--queue"]]
+    # finished runs are reused; the failed one is removed and queued again; the missing one added
+    assert sorted(queued) == ["cmp-full-100-s1", "cmp-random-9-s1"]
+    assert ["dvc", "exp", "remove", "cmp-random-9-s1"] in fake.calls
+    assert ["dvc", "queue", "start", "-j", "1"] in fake.calls
+    rows = list(csv.DictReader(open(out)))
+    assert list(rows[0]) == COLUMNS
+    assert {(r["method"], r["seed"]) for r in rows} == {
+        ("reward", "0"), ("reward", "1"), ("random", "0"), ("random", "1"), ("full", "0"), ("full", "1"),
+    }
+    assert not result.failed
+    md = (tmp_path / "reports" / "compression.md").read_text()
+    assert "align2llava compression --ratios 0.09 --seeds 0,1" in md and "| random | 0.09 | 2 |" in md
+
+
+def test_collect_only_runs_nothing_and_fails_clearly_without_results(tmp_path):
+    fake = FakeDvc([])
+    with pytest.raises(Align2LlavaError, match="no finished experiments named cmp-"):
+        compression([0.09], [0], ["reward"], out_csv=tmp_path / "c.csv", out_md=None,
+                    runner=fake, collect_only=True)
+    assert all(c[1:3] == ["exp", "show"] for c in fake.calls)
+
+
+def test_cli_dry_run_prints_queue_commands():
+    from align2llava.cli import main
+
+    res = CliRunner().invoke(main, ["compression", "--dry-run", "--ratios", "0.09", "--seeds", "0,1", "--methods", "reward,full"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("dvc exp run --queue -n cmp-") for line in lines)
+    bad = CliRunner().invoke(main, ["compression", "--dry-run", "--ratios", "x"])
+    assert bad.exit_code == 1 and "Error: cannot read 'x'" in bad.output
