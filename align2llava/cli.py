@@ -116,7 +116,6 @@ def import_annotations_cmd(fmt: str, questions: Path | None, answers: Path | Non
     )
 
 
-
 @main.command()
 @click.option("--ratios", default="0.09,0.3", show_default=True, help="Overall keep ratios (alpha x beta, split evenly) for the selected runs.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds; each sets select.seed and finetune.seed.")

@@ -31,7 +31,6 @@ import csv
 import json
 import logging
 import math
-import re
 import subprocess
 import time
 from dataclasses import dataclass
