@@ -1,0 +1,63 @@
+"""score: both reward models over the whole pool -> data/score/scores.jsonl (sidecar keyed by id).
+
+Reads base.pool (bad records -> data/score/rejects.jsonl within score.reject_budget) and
+models/train_reward/{question,answer}. Resumable from finished shards; data-parallel with
+`accelerate launch --num_processes N -m stages.score` (GPUs) or `torchrun --nproc_per_node N -m
+stages.score` (CPU processes), output identical to one process.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+
+import click
+
+from align2llava.clikit import setup_logging, user_errors
+from align2llava.config import load_base, load_section
+from align2llava.scoring import (
+    ScoreParams, defect_auroc, load_pool, process_state, read_scores, score_pool,
+)
+from align2llava.tracking import stage_run
+
+log = logging.getLogger("score")
+
+
+@click.command()
+@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(path_type=Path), help="The params file.")
+@click.option("--out-dir", default="data/score", show_default=True, type=click.Path(path_type=Path), help="Where scores.jsonl and rejects.jsonl go.")
+@click.option("--stop-after-shards", type=int, default=None, hidden=True, help="Stop after N new shards (tests resuming).")
+def main(params_file: Path, out_dir: Path, stop_after_shards: int | None) -> None:
+    """Score every pool record with the question and answer reward models."""
+    setup_logging()
+    with user_errors():
+        base = load_base(params_file)
+        p = load_section("score", ScoreParams, params_file)
+        state = process_state()
+        records, rejects, total = load_pool(base.pool, base.image_root, p.reject_budget, p.decode_images)
+        if state.is_main_process:
+            rejects.write(out_dir / "rejects.jsonl")
+        rejects.check(total, out_dir / "rejects.jsonl")
+        params = {"base": base.model_dump(), "score": p.model_dump()}
+        with stage_run("score", params) if state.is_main_process else nullcontext() as run:
+            s = score_pool(records, p, out_dir / "scores.jsonl", image_root=base.image_root,
+                           extra_fingerprint=base.model_dump(), stop_after_shards=stop_after_shards)
+            if s is None or run is None:
+                return
+            metrics = {
+                "records": total, "scored": s.records, "rejected": rejects.count,
+                "answer_items": s.items - s.records, "processes": s.processes,
+                "shards": s.shards, "shards_resumed": s.shards_resumed, "seconds": round(s.seconds, 1),
+                "records_per_s": round(s.records / s.scored_seconds, 2) if s.scored_seconds else None,
+            }
+            if p.oracle and Path(p.oracle).is_file():  # demo diagnosis only; scores do not use it
+                metrics["defect_auroc"] = defect_auroc(read_scores(out_dir / "scores.jsonl"), p.oracle)
+            run.log_metrics(metrics)
+        log.info("scored %s records (%s rejected) in %.0f s, %s rec/s over %d process(es) -> %s",
+                 f"{s.records:,}", f"{rejects.count:,}", s.seconds, metrics["records_per_s"],
+                 s.processes, out_dir / "scores.jsonl")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""train-reward: the question RM f(I, Q) and the answer RM g(I, Q, A) on preference pairs.
+
+Reads data/annotate_import/pairs.jsonl and the base MLLM (base.base_model), writes
+models/train_reward/{question,answer}/ (reloadable with align2llava.reward.load_reward_model),
+plots/train_reward/{question,answer}.csv (step, loss, val_accuracy) and
+metrics/train_reward.json. Run it under `accelerate launch` for several GPUs.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import click
+
+from align2llava.annotations import read_pairs
+from align2llava.clikit import setup_logging, user_errors
+from align2llava.config import load_base, load_section
+from align2llava.reward import TrainRewardParams, train_reward_model
+from align2llava.tracking import stage_run
+
+log = logging.getLogger("train_reward")
+
+
+@click.command()
+@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(path_type=Path), help="The params file.")
+@click.option("--pairs", default="data/annotate_import/pairs.jsonl", show_default=True, type=click.Path(path_type=Path), help="Preference pairs from annotate-import.")
+@click.option("--out-dir", default="models/train_reward", show_default=True, type=click.Path(path_type=Path), help="One sub-folder per reward model.")
+@click.option("--plots-dir", default="plots/train_reward", show_default=True, type=click.Path(path_type=Path), help="Loss / accuracy curves, one CSV per reward model.")
+def main(params_file: Path, pairs: Path, out_dir: Path, plots_dir: Path) -> None:
+    """Train the question and answer reward models (Bradley-Terry, LoRA or frozen LLM)."""
+    setup_logging()
+    with user_errors():
+        base = load_base(params_file)
+        p = load_section("train_reward", TrainRewardParams, params_file)
+        data = read_pairs(pairs)
+        with stage_run("train_reward", {"base": base.model_dump(), "train_reward": p.model_dump()}) as run:
+            for kind in p.kinds:
+                plots_dir.mkdir(parents=True, exist_ok=True)
+                with open(plots_dir / f"{kind}.csv", "w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=["step", "loss", "val_accuracy"])
+                    writer.writeheader()
+
+                    def on_step(row: dict, kind: str = kind, writer: csv.DictWriter = writer) -> None:
+                        writer.writerow(row)
+                        run.log_step({f"{kind}_{k}": v for k, v in row.items()
+                                      if k != "step" and v is not None}, step=row["step"])
+
+                    res = train_reward_model(kind, data, base.base_model, p, image_root=base.image_root,
+                                             seed=base.seed, out_dir=out_dir / kind, on_step=on_step)
+                run.log_metrics({
+                    f"{kind}_val_pairwise_accuracy": res.val_accuracy,
+                    f"{kind}_val_pairwise_accuracy_before": res.val_accuracy_initial,
+                    f"{kind}_train_pairs": res.train_pairs,
+                    f"{kind}_corruption_pairs": res.augmented_pairs,
+                    f"{kind}_val_pairs": res.val_pairs,
+                    f"{kind}_steps": res.steps,
+                    f"{kind}_final_loss": res.final_loss,
+                    f"{kind}_train_seconds": round(res.seconds, 1),
+                    f"{kind}_trainable_params": res.trainable_params,
+                })
+                log.info("%s RM: val pairwise accuracy %.3f (%.3f before) on %s pairs; %d steps in "
+                         "%.0f s -> %s", kind, res.val_accuracy, res.val_accuracy_initial,
+                         f"{res.val_pairs:,}", res.steps, res.seconds, out_dir / kind)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Reward models: inputs, corruption, the frozen-prefix cache, training, save/reload, the stage."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from align2llava.reward import (
+    Encoder,
+    TrainRewardParams,
+    answer_text,
+    augmentation_pairs,
+    build_reward_model,
+    corrupt,
+    last_token_index,
+    load_reward_model,
+    pairwise_accuracy,
+    question_text,
+    score_items,
+    train_reward_model,
+)
+from tests.conftest import make_image
+
+TINY = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, dtype="float32", max_length=64,
+            per_device_train_batch_size=8, per_device_eval_batch_size=16, warmup_ratio=0.0)
+
+
+def test_input_texts():
+    assert question_text(["What is it? ", "Why?"]) == "What is it?\nWhy?"
+    assert answer_text(" Colour? ", "Red. ") == "Question: Colour?\nAnswer: Red."
+
+
+def test_corruption_changes_text_and_keeps_words():
+    rng = random.Random(0)
+    text = "the red circle sits in the upper left corner"
+    for _ in range(20):
+        bad = corrupt(text, "answer", rng)
+        assert bad is not None and bad != text
+        assert set(bad.split()) <= set(text.split())
+    qs = "What colour is it?\nWhere is it?\nHow big is it?"
+    for _ in range(20):
+        bad = corrupt(qs, "question", rng)
+        assert bad is not None and bad != qs
+        assert set(bad.split("\n")) <= set(qs.split("\n"))
+    assert corrupt("Yes.", "answer", rng) is None
+    one = corrupt("What colour is the shape?", "question", rng)
+    assert one is not None and one != "What colour is the shape?"
+
+
+def test_augmentation_rate_and_determinism():
+    pairs = [{"group": f"g{i}", "image": "a.png", "prompt": "Q?", "chosen": f"answer number {i} is long",
+              "rejected": f"other reply {i} here"} for i in range(200)]
+    aug = augmentation_pairs(pairs, "answer", 0.25, seed=0)
+    assert 60 <= len(aug) <= 140  # ~100 of 400 distinct candidates
+    assert aug == augmentation_pairs(pairs, "answer", 0.25, seed=0)
+    assert aug != augmentation_pairs(pairs, "answer", 0.25, seed=1)
+    assert all(a["chosen"] != a["rejected"] for a in aug)
+    assert augmentation_pairs(pairs, "answer", 0.0, seed=0) == []
+
+
+def test_pairwise_accuracy_and_last_token():
+    import torch
+
+    assert pairwise_accuracy([1, 2, 3, 0], [0, 2, 1, 1]) == pytest.approx(0.625)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [0, 0, 1, 1]])
+    assert last_token_index(mask).tolist() == [2, 3, 3]
+
+
+def test_encoder_expands_image_and_truncates(tiny_llava, image_root):
+    from align2llava.modeling import load_mllm
+
+    _, proc = load_mllm(tiny_llava, dtype="float32")
+    enc = Encoder(proc, 40, image_root)
+    ids = enc.ids("Question: What colour?\nAnswer: Red.", True)
+    assert ids.count(enc.image_token_id) == enc.n_image_tokens == 16
+    assert enc.ids("x " * 100, True)[:16] == [enc.image_token_id] * 16
+    assert len(enc.ids("word " * 100, True)) == 40
+    assert enc.image_token_id not in enc.ids("No image here.", False)
+    b = enc.batch([(ids, "a.png"), (enc.ids("Hi.", False), None), (ids[:20], "b.png")])
+    assert b["pixel_values"].shape[0] == 2
+    assert b["attention_mask"].sum(1).tolist() == [len(ids), len(enc.ids("Hi.", False)), 20]
+
+
+def _pairs(n_groups=24, val_every=4):
+    """Text-separable pairs: the chosen answer names the colour, the rejected one is evasive."""
+    colours = ["red", "blue", "green", "yellow"]
+    out = []
+    for g in range(n_groups):
+        c = colours[g % 4]
+        img = "a.png" if g % 2 else "b.png"
+        cands = [f"The shape is {c}.", f"It is a {c} circle.", "The picture contains one object.",
+                 "It sits near the top left corner."]
+        split = "val" if g % val_every == 0 else "train"
+        for i in range(2):
+            for j in range(2, 4):
+                out.append({"id": f"answer:g{g}:{i}>{j}", "group": f"g{g}", "image": img, "kind": "answer",
+                            "prompt": "What color is the shape?", "chosen": cands[i], "rejected": cands[j],
+                            "margin": 0.5, "split": split})
+        out.append({"id": f"question:q{g}", "group": f"q{g}", "image": img, "kind": "question", "prompt": "",
+                    "chosen": "What color is the shape?\nWhat shape is in the image?",
+                    "rejected": "Describe the image.", "margin": 0.5, "split": split})
+    return out
+
+
+def test_prefix_cache_gives_the_same_rewards(tiny_llava, image_root):
+    import torch
+
+    from align2llava.reward import _PairData, _cache_prefix, _rewards_of
+
+    params = TrainRewardParams(**TINY, layers_to_transform=[-1], train_projector=False)
+    rm, proc = build_reward_model(tiny_llava, params)
+    assert rm.start_layer == 1
+    torch.nn.init.normal_(rm.head.weight)
+    for n, p in rm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)
+    enc = Encoder(proc, 64, image_root)
+    data = _PairData("answer", [p for p in _pairs(4) if p["kind"] == "answer"], enc)
+    cache = _cache_prefix(rm, enc, data, 3, "cpu", "test")
+    idx = list(range(len(data.items)))
+    rm.eval()
+    with torch.no_grad():
+        full = _rewards_of(rm, data, None, enc, idx, "cpu", torch.float32)
+        cached = _rewards_of(rm, data, cache, enc, idx, "cpu", torch.float32)
+    assert full.std() > 1e-3
+    torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "frozen"])
+def test_training_learns_saves_and_reloads(method, tiny_llava, image_root, tmp_path):
+    import torch
+
+    params = TrainRewardParams(**TINY, method=method, train_projector=method == "frozen",
+                               layers_to_transform=[-1] if method == "lora" else None,
+                               learning_rate=3.0e-2, projector_learning_rate=1.0e-2,
+                               num_train_epochs=8, eval_steps=5, corruption_rate=0.25)
+    before, _ = build_reward_model(tiny_llava, params)
+    before_state = {n: p.detach().clone() for n, p in before.named_parameters()}
+    res = train_reward_model("answer", _pairs(), tiny_llava, params, image_root=image_root,
+                             seed=0, out_dir=tmp_path / "rm")
+    losses = [r["loss"] for r in res.curve]
+    assert all(l == l and l < 10 for l in losses)  # finite
+    k = max(3, len(losses) // 4)
+    assert sum(losses[-k:]) / k < sum(losses[:k]) / k - 0.05
+    assert res.val_accuracy >= 0.9 and res.val_accuracy_initial == 0.5
+    assert res.train_pairs == 72 and res.val_pairs == 24 and res.augmented_pairs > 0
+    assert any(r["val_accuracy"] is not None for r in res.curve[:-1])
+    after = dict(res.model.named_parameters())
+    trained = [n for n, p in after.items() if p.requires_grad]
+    assert trained and all(not torch.equal(after[n], before_state[n]) for n in trained)
+    frozen = "backbone.base_model.model.language_model.layers.0.self_attn.q_proj.weight" if method == "lora" \
+        else "backbone.language_model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(after[frozen], before_state[frozen])
+    files = {p.name for p in (tmp_path / "rm").iterdir()}
+    assert {"reward_config.json", "reward_head.safetensors"} <= files
+    assert ("adapter_model.safetensors" in files) == (method == "lora")
+    items = [(answer_text("What color is the shape?", t), im) for t, im in
+             [("The shape is red.", "a.png"), ("It sits near the top left corner.", "b.png"), ("Blue.", None)]]
+    mem = score_items(res.model, res.encoder, items, batch_size=2)
+    rm2, proc2, meta = load_reward_model(tmp_path / "rm", dtype="float32")
+    assert meta["kind"] == "answer" and meta["backbone"] == str(tiny_llava)
+    again = score_items(rm2, Encoder(proc2, meta["max_length"], image_root), items, batch_size=3)
+    assert again == pytest.approx(mem, abs=1e-4)
+    assert mem[0] > mem[1]
+
+
+def test_stage_trains_both_models(tiny_llava, image_root, tmp_path, monkeypatch):
+    from stages.train_reward import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in _pairs(8)))
+    params = {"base": {"seed": 0, "base_model": str(tiny_llava), "image_root": str(image_root)},
+              "train_reward": {**TINY, "layers_to_transform": [-1], "train_projector": False,
+                               "num_train_epochs": 1, "learning_rate": 1.0e-2}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    res = CliRunner().invoke(main, ["--pairs", "pairs.jsonl"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "metrics/train_reward.json").read_text())
+    for kind in ("question", "answer"):
+        assert 0.0 <= metrics[f"{kind}_val_pairwise_accuracy"] <= 1.0
+        assert metrics[f"{kind}_train_pairs"] > 0
+        assert (tmp_path / f"models/train_reward/{kind}/reward_config.json").exists()
+        with open(tmp_path / f"plots/train_reward/{kind}.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert rows and list(rows[0]) == ["step", "loss", "val_accuracy"]
+        assert rows[-1]["val_accuracy"] != ""
+    (tmp_path / "pairs.jsonl").write_text('{"id": 1}\n')
+    res = CliRunner().invoke(main, ["--pairs", "pairs.jsonl"])
+    assert res.exit_code == 1 and "lacks keys" in res.output and "Traceback" not in res.output
