@@ -42,8 +42,9 @@ def main(params_file: Path, pairs: Path, out_dir: Path, plots_dir: Path) -> None
                     writer = csv.DictWriter(f, fieldnames=["step", "loss", "val_accuracy"])
                     writer.writeheader()
 
-                    def on_step(row: dict, kind: str = kind, writer: csv.DictWriter = writer) -> None:
+                    def on_step(row: dict, kind: str = kind, writer: csv.DictWriter = writer, f=f) -> None:
                         writer.writerow(row)
+                        f.flush()
                         run.log_step({f"{kind}_{k}": v for k, v in row.items()
                                       if k != "step" and v is not None}, step=row["step"])
 
