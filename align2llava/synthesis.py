@@ -167,7 +167,7 @@ def qa_facts(qa: list[tuple[str, str, int]]) -> dict[int, dict[str, str]]:
     return facts
 
 
-def load_truths(source: Path, split: str, ids: list[int], facts: dict[int, dict[str, str]],
+def load_truths(split: str, ids: list[int], facts: dict[int, dict[str, str]],
                 images: dict[int, Path]) -> tuple[dict[int, Truth], int]:
     """Truth per image id, and how many disagree with easy-vqa's QA (expected 0)."""
     from tqdm import tqdm
@@ -634,9 +634,12 @@ def build_annotations(items: list[Item], p: SynthesizeParams, seed: int) -> Anno
 
 
 # ------------------------------------------------------------------- benchmark and captions
-def build_benchmark(qa: list[tuple[str, str, int]], truths: dict[int, Truth], p: SynthesizeParams,
-                    seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """easy-vqa test QA per type (negated yes/no questions left out) and balanced POPE probes."""
+def build_benchmark(qa: list[tuple[str, str, int]], images: dict[int, Path], p: SynthesizeParams,
+                    seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """easy-vqa test QA per type (negated yes/no questions left out) and balanced POPE probes.
+
+    Also returns how many probed images' pixel truth disagreed with easy-vqa's QA.
+    """
     rng = random.Random(f"{seed}:benchmark")
     order = sorted(qa, key=lambda x: (x[2], x[0]))
     rng.shuffle(order)
@@ -653,18 +656,20 @@ def build_benchmark(qa: list[tuple[str, str, int]], truths: dict[int, Truth], p:
                 continue
         elif len(picked[typ]) >= want:
             continue
-        if i in seen[typ] or i not in truths:
+        if i in seen[typ] or i not in images:
             continue
         seen[typ].add(i)
         picked[typ].append((q, a, i))
     vqa = []
     for typ in ("shape", "color", "yes_no"):
         for q, a, i in sorted(picked[typ], key=lambda x: (x[2], x[0])):
-            vqa.append({"id": f"vqa-{typ}-{i:04d}", "image": truths[i].image, "question": q[0].upper() + q[1:],
+            vqa.append({"id": f"vqa-{typ}-{i:04d}", "image": f"test/{i}.png", "question": q[0].upper() + q[1:],
                         "answer": a, "type": typ})
     pope = []
-    ids = sorted(truths)
+    ids = sorted(images)
     rng.shuffle(ids)
+    ids = sorted(ids[: min(p.benchmark_pope, len(ids))])
+    truths, mism = load_truths("test", ids, qa_facts(qa), images)
     for k in range(p.benchmark_pope):
         t = truths[ids[k % len(ids)]]
         yes, on_shape = k % 2 == 0, (k // 2) % 2 == 0
@@ -676,7 +681,7 @@ def build_benchmark(qa: list[tuple[str, str, int]], truths: dict[int, Truth], p:
             q = f"Is there {_a(x)} shape in the image?"
         pope.append({"id": f"pope-{k:04d}", "image": t.image, "question": q, "answer": "yes" if yes else "no",
                      "type": "pope"})
-    return vqa, pope
+    return vqa, pope, mism
 
 
 def caption(t: Truth, rng: random.Random) -> str:
@@ -724,7 +729,7 @@ def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
     random.Random(f"{seed}:pool").shuffle(pool_ids)
     pool_ids = pool_ids[:n_pool]
     cap_ids = train_ids[: p.captions]
-    truths, mism = load_truths(source, "train", sorted(set(pool_ids) | set(cap_ids)), qa_facts(train_qa),
+    truths, mism = load_truths("train", sorted(set(pool_ids) | set(cap_ids)), qa_facts(train_qa),
                                train_images)
     items = []
     for k, task in enumerate(TASKS):
@@ -736,8 +741,7 @@ def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
         its = [i for i in items if i.record["task"] == task]
         annotated += sorted(rng.sample(its, round(p.annotate_fraction * len(its))), key=lambda i: i.record["id"])
     ann = build_annotations(annotated, p, seed)
-    test_truths, mism_test = load_truths(source, "test", sorted(test_images), qa_facts(test_qa), test_images)
-    vqa, pope = build_benchmark(test_qa, test_truths, p, seed)
+    vqa, pope, mism_test = build_benchmark(test_qa, test_images, p, seed)
     caps = [{"id": f"cap-{i:06d}", "image": truths[i].image,
              "caption": caption(truths[i], random.Random(f"{seed}:caption:{i}"))} for i in cap_ids]
 

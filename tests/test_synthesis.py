@@ -1,0 +1,226 @@
+"""The demo world: pool, oracle, simulated annotations, benchmark, captions."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from align2llava.io import read_jsonl_strict, read_records_strict
+from align2llava.records import validate_records
+from align2llava.synthesis import (
+    COLORS,
+    DEFECTS,
+    QUESTION_DEFECTS,
+    SHAPES,
+    TASKS,
+    DefectRates,
+    SynthesizeParams,
+    Truth,
+    judge_answer,
+    judge_question,
+    make_item,
+    measure_image,
+    measured_rates,
+)
+from tests.conftest import ROOT
+
+TINY = {"pool_per_task": 8, "annotate_fraction": 0.5, "benchmark_vqa_per_type": 4, "benchmark_pope": 6,
+        "captions": 12}
+
+
+def _params_file(tmp_path: Path, **section) -> Path:
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    data["synthesize"] = {**data["synthesize"], **section}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _run(tmp_path: Path, out: Path, **section):
+    from stages.synthesize import main
+
+    params = _params_file(tmp_path, **{**TINY, **section})
+    return CliRunner().invoke(main, ["--params", str(params), "--out", str(out),
+                                     "--metrics-dir", str(tmp_path / "metrics")])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("synth")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
+    res = _run(tmp, tmp / "a")
+    assert res.exit_code == 0, res.output
+    res2 = _run(tmp, tmp / "b")
+    assert res2.exit_code == 0, res2.output
+    mp.undo()
+    return tmp
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_rerun_is_byte_identical(world):
+    a, b = _tree_digest(world / "a"), _tree_digest(world / "b")
+    assert a == b
+    assert "pool.json" in a and "annotations/labelstudio.json" in a and "benchmark/pope.jsonl" in a
+
+
+def test_pool_is_valid_llava_with_tasks(world):
+    out = world / "a"
+    pool = read_records_strict(out / "pool.json")
+    assert validate_records(pool, "pool.json", image_root=out / "images") == []
+    assert Counter(r["task"] for r in pool) == {t: TINY["pool_per_task"] for t in TASKS}
+    for r in pool:
+        assert r["id"] == f"evqa-{int(r['image'].split('/')[1][:-4]):06d}-{r['task']}"
+        assert r["image"].startswith("train/")
+        n_turns = len(r["conversations"]) // 2
+        assert (2 <= n_turns <= 3) if r["task"] == "conversation" else n_turns == 1
+    oracle = read_jsonl_strict(out / "oracle.jsonl")
+    assert [o["id"] for o in oracle] == [r["id"] for r in pool]
+    for o in oracle:
+        assert set(o) == {"id", "task", "defects", "turn_defects"}
+        assert set(o["defects"]) <= set(DEFECTS)
+        assert sorted({d for ds in o["turn_defects"].values() for d in ds}) == o["defects"]
+
+
+def test_metrics_keys(world):
+    m = json.loads((world / "metrics" / "synthesize.json").read_text())
+    assert m["pool"]["total"] == 3 * TINY["pool_per_task"]
+    assert set(m["defect_rate"]) == set(DEFECTS)
+    for key in ("groups", "candidates", "strict_pairs", "tie_rate"):
+        assert key in m["annotations"]
+    assert m["benchmark"]["pope"] == TINY["benchmark_pope"]
+    assert 0 <= m["truth_pixel_qa_disagreements"] <= 2  # a few tiny shapes fool the fill ratio
+
+
+def test_annotation_files_in_released_format(world):
+    out = world / "a"
+    pool = {r["id"]: r for r in read_records_strict(out / "pool.json")}
+    questions = json.loads((out / "annotations" / "question.json").read_text())
+    answers = json.loads((out / "annotations" / "answer.json").read_text())
+    ls = json.loads((out / "annotations" / "labelstudio.json").read_text())
+    assert len(questions) == len(answers) == round(0.5 * TINY["pool_per_task"]) * 3
+    ls_by_group = {t["data"]["group"]: t for t in ls}
+    for q in questions:
+        assert set(q) == {"id", "image", "questions", "score"}
+        rec = pool[q["id"]]
+        assert q["questions"][0] == [c["value"] for c in rec["conversations"] if c["from"] == "human"]
+        assert "<image>" in q["questions"][0][0]
+        assert not any("<image>" in s for cand in q["questions"][1:] for s in cand)
+        assert len(q["questions"]) == len(q["score"]) == 4
+        assert all(s in (0.0, 0.25, 0.5, 0.75, 1.0) for s in q["score"])
+        task = ls_by_group[f"{q['id']}/question"]
+        assert task["data"]["kind"] == "question" and task["data"]["prompt"] == ""
+        ratings = [r["value"]["rating"] for r in task["annotations"][0]["result"]]
+        assert ratings == [1 + round(s * 4) for s in q["score"]]
+        assert task["data"]["candidates"][0] == "\n".join(s.replace("<image>", "").strip() for s in q["questions"][0])
+    assert validate_records(answers, "answer.json", image_root=out / "images", allow_candidates=True) == []
+    for a in answers:
+        assert set(a) == {"id", "image", "conversations"}
+        rec = pool[a["id"]]
+        for k in range(0, len(a["conversations"]), 2):
+            human, gpt = a["conversations"][k], a["conversations"][k + 1]
+            assert human == rec["conversations"][k]
+            assert gpt["value"][0] == rec["conversations"][k + 1]["value"]
+            assert len(gpt["value"]) == len(gpt["score"]) == 4
+            task = ls_by_group[f"{a['id']}/answer/{k // 2}"]
+            assert task["data"]["prompt"] == human["value"].replace("<image>", "").strip()
+            assert task["data"]["candidates"] == gpt["value"]
+            result = task["annotations"][0]["result"]
+            assert [r["to_name"] for r in result] == [f"candidate_{j}" for j in range(4)]
+            assert [r["value"]["rating"] for r in result] == [1 + round(s * 4) for s in gpt["score"]]
+    assert [t["id"] for t in ls] == list(range(1, len(ls) + 1))
+
+
+def test_benchmark_and_captions(world):
+    out = world / "a"
+    vqa = read_jsonl_strict(out / "benchmark" / "vqa.jsonl")
+    pope = read_jsonl_strict(out / "benchmark" / "pope.jsonl")
+    assert Counter(r["type"] for r in vqa) == {"shape": 4, "color": 4, "yes_no": 4}
+    assert Counter(r["answer"] for r in pope) == {"yes": 3, "no": 3}
+    pool_images = {r["image"] for r in read_records_strict(out / "pool.json")}
+    for r in vqa + pope:
+        assert set(r) == {"id", "image", "question", "answer", "type"}
+        assert r["image"].startswith("test/") and r["image"] not in pool_images
+        assert (out / "images" / r["image"]).is_file()
+        shape, color, _, _ = measure_image(out / "images" / r["image"])
+        if r["type"] == "shape":
+            assert r["answer"] == shape
+        if r["type"] == "color":
+            assert r["answer"] == color
+        if r["type"] == "pope":
+            asked = next(w for w in r["question"].lower().rstrip("?").split() if w in SHAPES + COLORS)
+            assert (r["answer"] == "yes") == (asked in (shape, color))
+    caps = read_jsonl_strict(out / "captions.jsonl")
+    assert len(caps) == TINY["captions"]
+    for c in caps:
+        shape, color, _, _ = measure_image(out / "images" / c["image"])
+        assert f"{color} {shape}" in c["caption"]
+
+
+def test_hallucinated_colours_contradict_the_pixels(world):
+    out = world / "a"
+    pool = {r["id"]: r for r in read_records_strict(out / "pool.json")}
+    for o in read_jsonl_strict(out / "oracle.jsonl"):
+        rec = pool[o["id"]]
+        _, color, _, _ = measure_image(out / "images" / rec["image"])
+        for turn, defects in o["turn_defects"].items():
+            text = rec["conversations"][2 * int(turn) + 1]["value"].lower().split()
+            named = {w.strip(".,!") for w in text} & set(COLORS)
+            if "hallucinated_color" in defects:
+                assert named and color not in named
+
+
+def _truths(n: int) -> list[Truth]:
+    rng = random.Random(1)
+    return [Truth(i, "train", rng.choice(SHAPES), rng.choice(COLORS), "center", "medium") for i in range(n)]
+
+
+def test_defect_rates_near_params():
+    rates = DefectRates(hallucinated_color=0.2, hallucinated_shape=0.1, wrong_yes_no=0.15,
+                        omitted_key_fact=0.1, generic_question=0.05, unanswerable_question=0.1)
+    items = [make_item(task, t, 0, rates) for task in TASKS for t in _truths(400)]
+    measured = measured_rates(items)["overall"]
+    for d in DEFECTS:
+        assert abs(measured[d] - getattr(rates, d)) < 0.035, (d, measured[d])
+    clean = [make_item("detail", t, 0, DefectRates(**{d: 0.0 for d in DEFECTS})) for t in _truths(50)]
+    assert all(not i.turn_defects for i in clean)
+
+
+def test_annotator_separates_clean_from_defective():
+    """The rubric, without noise, scores every generated defect below every clean turn."""
+    for task in TASKS:
+        for t in _truths(150):
+            item = make_item(task, t, 3, SynthesizeParams().defect_rates)
+            for k, turn in enumerate(item.turns):
+                d = item.turn_defects.get(k, [None])[0]
+                a, q = judge_answer(turn, turn.answer, t), judge_question(turn.question, t)
+                if d is None:
+                    assert a >= 0.75 and q >= 0.75, (turn, t)
+                elif d in QUESTION_DEFECTS:
+                    assert q <= 0.25 and a <= 0.25, (d, turn, t)
+                else:
+                    assert a <= 0.5, (d, turn, t)
+
+
+def test_bad_source_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
+    from stages.synthesize import main
+
+    params = _params_file(tmp_path, **TINY)
+    (tmp_path / "src" / "train").mkdir(parents=True)
+    res = CliRunner().invoke(main, ["--params", str(params), "--out", str(tmp_path / "o"),
+                                    "--source", str(tmp_path / "src")])
+    assert res.exit_code == 1
+    assert res.output.startswith("Error: ") and "questions.json" in res.output
+    assert "Traceback" not in res.output
