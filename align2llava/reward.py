@@ -95,6 +95,15 @@ def answer_text(question: str, answer: str) -> str:
     return f"Question: {question.strip()}\nAnswer: {answer.strip()}"
 
 
+def process_state() -> Any:
+    """accelerate's process state; on a machine without CUDA, several processes (torchrun,
+    accelerate launch) form a CPU (gloo) group."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def compute_dtype(name: str = "auto", device: str = "cpu") -> Any:
     """torch dtype for `name`; auto = bf16 where the hardware does bf16 natively, else fp32."""
     import torch
@@ -465,8 +474,8 @@ def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> flo
 @dataclass
 class TrainResult:
     kind: str
-    val_accuracy: float
-    val_accuracy_initial: float
+    val_accuracy: float | None  # None without validation pairs
+    val_accuracy_initial: float | None
     train_pairs: int
     augmented_pairs: int
     val_pairs: int
@@ -641,8 +650,9 @@ def train_reward_model(
                               num_training_steps=total * n_proc)
     model, optimizer, loader, scheduler = accelerator.prepare(rm, optimizer, loader, scheduler)
     eval_every = params.eval_steps or per_epoch
-    acc0 = _evaluate(rm, val_data, val_cache, encoder, params.per_device_eval_batch_size, device) if val else float("nan")
-    log.info("%s RM: val pairwise accuracy before training %.3f", kind, acc0)
+    acc0 = _evaluate(rm, val_data, val_cache, encoder, params.per_device_eval_batch_size, device) if val else None
+    if acc0 is not None:
+        log.info("%s RM: val pairwise accuracy before training %.3f", kind, acc0)
     curve: list[dict[str, Any]] = []
     step, loss_sum, loss_n, last_loss = 0, 0.0, 0, float("nan")
     model.train()
@@ -682,7 +692,7 @@ def train_reward_model(
             if step >= total:
                 break
     bar.close()
-    acc = next((r["val_accuracy"] for r in reversed(curve) if r["val_accuracy"] is not None), float("nan"))
+    acc = next((r["val_accuracy"] for r in reversed(curve) if r["val_accuracy"] is not None), None)
     accelerator.wait_for_everyone()
     if out_dir is not None and accelerator.is_main_process:
         save_reward_model(accelerator.unwrap_model(model), out_dir, kind=kind, backbone=str(base_model),

@@ -32,7 +32,7 @@ from .config import Section
 from .errors import DataError
 from .records import human_turns, qa_pairs, record_problems
 from .rejects import Rejects
-from .reward import answer_text, load_reward_model, question_text, score_items
+from .reward import answer_text, load_reward_model, process_state, question_text, score_items
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +61,6 @@ class ScoreParams(Section):
 
 
 # ----------------------------------------------------------------------------- the pool
-
-
-def process_state() -> Any:
-    """accelerate's process state; on a machine without CUDA, several processes (torchrun,
-    accelerate launch) form a CPU (gloo) group."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
 
 
 def load_pool(path: str | Path, image_root: str | Path | None, reject_budget: float,

@@ -3,13 +3,14 @@
 Reads data/annotate_import/pairs.jsonl and the base MLLM (base.base_model), writes
 models/train_reward/{question,answer}/ (reloadable with align2llava.reward.load_reward_model),
 plots/train_reward/{question,answer}.csv (step, loss, val_accuracy) and
-metrics/train_reward.json. Run it under `accelerate launch` for several GPUs.
+metrics/train_reward.json. Several GPUs: `accelerate launch --num_processes N -m stages.train_reward`.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
@@ -17,7 +18,7 @@ import click
 from align2llava.annotations import read_pairs
 from align2llava.clikit import setup_logging, user_errors
 from align2llava.config import load_base, load_section
-from align2llava.reward import TrainRewardParams, train_reward_model
+from align2llava.reward import TrainRewardParams, process_state, train_reward_model
 from align2llava.tracking import stage_run
 
 log = logging.getLogger("train_reward")
@@ -35,21 +36,24 @@ def main(params_file: Path, pairs: Path, out_dir: Path, plots_dir: Path) -> None
         base = load_base(params_file)
         p = load_section("train_reward", TrainRewardParams, params_file)
         data = read_pairs(pairs)
-        with stage_run("train_reward", {"base": base.model_dump(), "train_reward": p.model_dump()}) as run:
+        is_main = process_state().is_main_process
+        params = {"base": base.model_dump(), "train_reward": p.model_dump()}
+        with stage_run("train_reward", params) if is_main else nullcontext() as run:
             for kind in p.kinds:
+                def on_step(row: dict, kind: str = kind) -> None:  # main process only
+                    run.log_step({f"{kind}_{k}": v for k, v in row.items() if k != "step" and v is not None},
+                                 step=row["step"])
+
+                res = train_reward_model(kind, data, base.base_model, p, image_root=base.image_root,
+                                         seed=base.seed, out_dir=out_dir / kind,
+                                         on_step=on_step if is_main else None)
+                if not is_main:
+                    continue
                 plots_dir.mkdir(parents=True, exist_ok=True)
                 with open(plots_dir / f"{kind}.csv", "w", newline="") as f:
                     writer = csv.DictWriter(f, fieldnames=["step", "loss", "val_accuracy"])
                     writer.writeheader()
-
-                    def on_step(row: dict, kind: str = kind, writer: csv.DictWriter = writer, f=f) -> None:
-                        writer.writerow(row)
-                        f.flush()
-                        run.log_step({f"{kind}_{k}": v for k, v in row.items()
-                                      if k != "step" and v is not None}, step=row["step"])
-
-                    res = train_reward_model(kind, data, base.base_model, p, image_root=base.image_root,
-                                             seed=base.seed, out_dir=out_dir / kind, on_step=on_step)
+                    writer.writerows(res.curve)
                 run.log_metrics({
                     f"{kind}_val_pairwise_accuracy": res.val_accuracy,
                     f"{kind}_val_pairwise_accuracy_before": res.val_accuracy_initial,
@@ -61,9 +65,13 @@ def main(params_file: Path, pairs: Path, out_dir: Path, plots_dir: Path) -> None
                     f"{kind}_train_seconds": round(res.seconds, 1),
                     f"{kind}_trainable_params": res.trainable_params,
                 })
-                log.info("%s RM: val pairwise accuracy %.3f (%.3f before) on %s pairs; %d steps in "
-                         "%.0f s -> %s", kind, res.val_accuracy, res.val_accuracy_initial,
-                         f"{res.val_pairs:,}", res.steps, res.seconds, out_dir / kind)
+                log.info("%s RM: val pairwise accuracy %s (%s before) on %s pairs; %d steps in %.0f s -> %s",
+                         kind, _fmt(res.val_accuracy), _fmt(res.val_accuracy_initial), f"{res.val_pairs:,}",
+                         res.steps, res.seconds, out_dir / kind)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 if __name__ == "__main__":

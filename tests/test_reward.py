@@ -26,6 +26,17 @@ from align2llava.reward import (
 )
 from tests.conftest import make_image
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and one thread is robust on a busy machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 TINY = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, dtype="float32", max_length=64,
             per_device_train_batch_size=8, per_device_eval_batch_size=16, warmup_ratio=0.0)
 
@@ -138,7 +149,8 @@ def test_training_learns_saves_and_reloads(method, tiny_llava, image_root, tmp_p
     params = TrainRewardParams(**TINY, method=method, train_projector=method == "frozen",
                                layers_to_transform=[-1] if method == "lora" else None,
                                learning_rate=3.0e-2, projector_learning_rate=1.0e-2,
-                               num_train_epochs=8, eval_steps=5, corruption_rate=0.25)
+                               num_train_epochs=8 if method == "lora" else 4, eval_steps=5,
+                               corruption_rate=0.25)
     before, _ = build_reward_model(tiny_llava, params)
     before_state = {n: p.detach().clone() for n, p in before.named_parameters()}
     res = train_reward_model("answer", _pairs(), tiny_llava, params, image_root=image_root,

@@ -26,6 +26,17 @@ from align2llava.scoring import (
 from tests.conftest import ROOT, llava_record, make_image
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and one thread is robust on a busy machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_rms(tiny_llava, tmp_path_factory):
     """Untrained but non-trivial question and answer RMs (random head and LoRA) on tiny_llava."""
@@ -126,13 +137,9 @@ def test_two_processes_match_one(tiny_rms, image_root, tmp_path):
     score = {"question_model": str(tiny_rms / "question"), "answer_model": str(tiny_rms / "answer"),
              "dtype": "float32", "shard_size": 2, "batch_size": 4, "oracle": None,
              "work_dir": str(tmp_path / "work2")}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun process below
-    try:
-        score_pool(recs, ScoreParams(**{**score, "work_dir": str(tmp_path / "work1")}),
-                   tmp_path / "one.jsonl", image_root=image_root)
-    finally:
-        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == 1  # as each torchrun process below (OMP_NUM_THREADS=1)
+    score_pool(recs, ScoreParams(**{**score, "work_dir": str(tmp_path / "work1")}),
+               tmp_path / "one.jsonl", image_root=image_root)
     base = {"seed": 0, "pool": str(tmp_path / "pool.json"), "image_root": str(image_root)}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"base": base, "score": score}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
