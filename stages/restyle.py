@@ -36,7 +36,7 @@ def main(params_file: Path, selected: Path, out_dir: Path, metrics_dir: Path, ve
         with stage_run("restyle", resolved, metrics_dir=metrics_dir) as run:
             run.log_text("prompts.json", prompt_texts())
             result = run_restyle(selected, params, base_model=base.base_model, seed=base.seed,
-                                 dtype=base.dtype, out_dir=out_dir)
+                                 out_dir=out_dir)
             run.log_metrics(result.metrics)
         m = result.metrics
         if not params.enabled:

@@ -224,12 +224,22 @@ def test_inner_llm_nll_matches_a_full_forward(tiny_llm):
     assert math.isfinite(total) and total > 0
 
 
-def test_inner_llm_generate_is_padding_invariant(tiny_llm):
+def test_inner_llm_generate_matches_hf_generate_with_shared_prefix_and_padding(tiny_llm):
+    import torch
+
     short = tiny_llm.chat([{"role": "user", "content": "Is there a triangle?"}])
     long = tiny_llm.chat([{"role": "user", "content": "Describe the image in detail, the shape and its color."}])
-    alone = tiny_llm.generate([short], [6])[0]
-    batched = tiny_llm.generate([long, short], [6, 6])[1]
-    assert alone["text"] == batched["text"] and alone["tokens"] == batched["tokens"] <= 6
+    ids = tiny_llm.tok(short, add_special_tokens=False, return_tensors="pt").input_ids
+    with torch.inference_mode():
+        ref = tiny_llm.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=-1,
+                                      pad_token_id=tiny_llm.tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    alone = tiny_llm.generate([short], [8])[0]
+    assert alone["tokens"] == 8 and not alone["finished"]  # random weights rarely stop
+    assert alone["text"] == tiny_llm.tok.decode(ref, skip_special_tokens=True)
+    batched = tiny_llm.generate([long, short], [5, 8])  # shared prefix, left padding, own caps
+    assert batched[1]["text"] == alone["text"] and batched[0]["tokens"] <= 5
+    no_prefix = tiny_llm.generate(["red circle blue", short], [8, 8])  # nothing shared
+    assert no_prefix[1]["text"] == alone["text"]
     logits = tiny_llm.choice_logits([short, long], ("A", "B"))
     assert len(logits) == 2 and all(len(x) == 2 and all(math.isfinite(v) for v in x) for x in logits)
 
@@ -239,7 +249,7 @@ def _stage_inputs(tmp_path: Path, model: Path, enabled: bool = True) -> list[str
     recs = _records()
     (tmp_path / "selected.json").write_text(json.dumps(recs))
     (tmp_path / "params.yaml").write_text(
-        f"base:\n  base_model: {model}\n  dtype: float32\nrestyle:\n  enabled: {str(enabled).lower()}\n"
+        f"base:\n  base_model: {model}\nrestyle:\n  enabled: {str(enabled).lower()}\n  dtype: float32\n"
         f"  batch_size: 4\n  max_new_tokens: 12\n  cache_dir: {tmp_path / 'cache'}\n"
     )
     return ["--params", str(tmp_path / "params.yaml"), "--selected", str(tmp_path / "selected.json"),
