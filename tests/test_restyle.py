@@ -299,3 +299,14 @@ def test_stage_cli_bad_selection_is_one_line_error(tmp_path):
     (tmp_path / "selected.json").write_text("[{\"id\": 1}")
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 1 and "not valid JSON" in res.output and "Traceback" not in res.output
+
+
+def test_docs_show_the_prompts_in_use():
+    from align2llava import restyle as r
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "restyle.md").read_text()
+    flat = " ".join(doc.split())
+    for text in (r.REWRITE_SYSTEM, r.REVIEW_SYSTEM, *r.REWRITE_EXAMPLE):
+        assert " ".join(text.split()) in flat, text
+    for line in (*r.REWRITE_USER.split("\n"), *r.REVIEW_USER.split("\n")):
+        assert line.strip() in doc, line
