@@ -44,7 +44,7 @@ from .errors import DataError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when model-call code changes what a key returns
 
 REWRITE_SYSTEM = (
     "You are a helpful assistant. You rewrite answers in your own words. "
@@ -284,6 +284,21 @@ def _norm(text: str) -> str:
     return " ".join(_TOKEN.findall(text.lower()))
 
 
+def repetitive(original: str, rewrite: str, n: int = 6) -> bool:
+    """Whether the rewrite repeats a run of n words more often than the original does (a
+    degenerate loop such as a sentence written twice)."""
+    def grams(text: str) -> dict[tuple[str, ...], int]:
+        words = _norm(text).split()
+        out: dict[tuple[str, ...], int] = {}
+        for i in range(len(words) - n + 1):
+            g = tuple(words[i: i + n])
+            out[g] = out.get(g, 0) + 1
+        return out
+
+    before = grams(original)
+    return any(c > 1 and c > before.get(g, 0) for g, c in grams(rewrite).items())
+
+
 # --------------------------------------------------------------------------------- prompts
 def rewrite_messages(question: str, answer: str) -> list[dict[str, str]]:
     q, a, r = REWRITE_EXAMPLE
@@ -412,6 +427,9 @@ class InnerLLM:
         body = getattr(inner, "language_model", None)
         self.body = body if body is not None else self.model.get_decoder()
         self.head = self.model.get_output_embeddings()
+        # scores (review logits, NLL) in float32 even when the model runs in bfloat16: bf16
+        # logits move in steps of 0.125 around 20, coarser than the A/B margins we compare
+        self.head_f32 = self.head.weight.detach().float()
         params = inspect.signature(self.body.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in 5.x
         eos = self.model.generation_config.eos_token_id
@@ -512,8 +530,8 @@ class InnerLLM:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift positions
         with torch.inference_mode():
             hidden = self.body(input_ids=input_ids, attention_mask=mask, position_ids=positions).last_hidden_state
-            logits = self.head(hidden[:, -1]).float()
-        return logits[:, ids].tolist()
+            logits = hidden[:, -1].float() @ self.head_f32[ids].T
+        return logits.tolist()
 
     def nll(self, prompts: list[str], responses: list[str]) -> list[tuple[float, int]]:
         """(summed NLL, tokens) of each response given its prompt."""
@@ -535,7 +553,7 @@ class InnerLLM:
                     out.append((0.0, 0))
                     continue
                 pos = torch.arange(len(p) - 1, len(p) + len(r) - 1, device=hidden.device)
-                logits = self.head(hidden[i, pos]).float()
+                logits = hidden[i, pos].float() @ self.head_f32.T
                 target = torch.tensor(r, device=hidden.device)
                 loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
                 out.append((float(loss), len(r)))
@@ -666,6 +684,8 @@ def restyle(records: list[dict[str, Any]], llm: LLM, params: RestyleParams, *, s
             t.reason = "truncated"
         elif _norm(t.rewrite) == _norm(t.original):
             t.reason = "unchanged"
+        elif repetitive(t.original, t.rewrite):
+            t.reason = "repetitive"
         else:
             fails = check_content(t.original, t.rewrite, params.min_length_ratio, params.max_length_ratio)
             t.check = {"passed": not fails, "failures": fails}

@@ -72,6 +72,16 @@ def test_check_details():
     assert "too long: 12/4 words" in check_content("It is a circle.", "It is a circle and it is a circle that is round.")
 
 
+def test_repetitive_flags_loops_not_the_original_own_repeats():
+    from align2llava.restyle import repetitive
+
+    orig = "The circle sits in the upper left corner. It is small."
+    assert repetitive(orig, "The circle sits in the upper left corner. The circle sits in the upper left corner.")
+    assert not repetitive(orig, "A small circle sits in the top left corner.")
+    twice = "It is a red circle on the left. It is a red circle on the left."
+    assert not repetitive(twice, twice + " ")
+
+
 def test_clean_rewrite_strips_labels_and_quotes():
     assert clean_rewrite('Answer: "It is red."') == "It is red."
     assert clean_rewrite("Sure! Here is the rewritten answer: It is red.") == "It is red."
