@@ -86,6 +86,9 @@ class RestyleParams(Section):
     max_new_tokens: int = Field(160, ge=1)
     # 0.0: greedy. Above 0: sampling at this temperature, seeded by base.seed.
     temperature: float = Field(0.0, ge=0.0)
+    # Never generate a run of this many tokens twice within one rewrite (0: off): greedy
+    # decoding of a small model otherwise loops, writing a sentence twice.
+    no_repeat_ngram: int = Field(8, ge=0)
     # Length guard of the content check (words of the rewrite / words of the original).
     min_length_ratio: float = Field(0.5, ge=0.0)
     max_length_ratio: float = Field(1.5, ge=1.0)
@@ -406,7 +409,7 @@ class InnerLLM:
     """The language model of an HF LLaVA folder, used text-only through its chat template."""
 
     def __init__(self, path: str | Path, *, dtype: str = "auto", batch_size: int = 16,
-                 temperature: float = 0.0, seed: int = 0):
+                 temperature: float = 0.0, seed: int = 0, no_repeat_ngram: int = 0):
         import torch
 
         from .modeling import load_mllm
@@ -421,6 +424,7 @@ class InnerLLM:
         if not self.template:
             raise DataError(f"{path}: the tokenizer has no chat template")
         self.batch_size, self.temperature, self.seed = batch_size, temperature, seed
+        self.no_repeat_ngram = no_repeat_ngram
         # outputs differ by dtype, so it is part of the cache key
         self.fingerprint = f"{model_fingerprint(path)}-{self.dtype}"
         inner = getattr(self.model, "model", self.model)
@@ -491,6 +495,8 @@ class InnerLLM:
             active = list(range(rows))
             for _ in range(max(caps)):
                 logits = self.head(hidden).float()
+                if self.no_repeat_ngram:
+                    self._ban_repeats(logits, [out_tokens[r] for r in active])
                 if gen is None:
                     picked = logits.argmax(-1)
                 else:
@@ -520,6 +526,17 @@ class InnerLLM:
             {"text": self.tok.decode(toks, skip_special_tokens=True), "finished": done, "tokens": len(toks)}
             for toks, done in zip(out_tokens, finished)
         ]
+
+    def _ban_repeats(self, logits: Any, generated: list[list[int]]) -> None:
+        """Forbid each row's tokens that would complete an n-gram it already generated."""
+        n = self.no_repeat_ngram
+        for j, toks in enumerate(generated):
+            if len(toks) < n:
+                continue
+            tail = toks[len(toks) - n + 1:]
+            banned = [toks[i + n - 1] for i in range(len(toks) - n + 1) if toks[i: i + n - 1] == tail]
+            if banned:
+                logits[j, banned] = float("-inf")
 
     def choice_logits(self, prompts: list[str], labels: tuple[str, ...]) -> list[list[float]]:
         """Next-token logits of each label's first token after each prompt."""
@@ -658,7 +675,8 @@ def restyle(records: list[dict[str, Any]], llm: LLM, params: RestyleParams, *, s
     bs = params.batch_size
 
     # 1. rewrite
-    settings = {"temperature": params.temperature, "seed": seed if params.temperature > 0 else None}
+    settings = {"temperature": params.temperature, "seed": seed if params.temperature > 0 else None,
+                "no_repeat_ngram": params.no_repeat_ngram}
     jobs, prefixes = [], []
     for t in turns:
         cap = min(params.max_new_tokens, int(params.max_length_ratio * llm.n_tokens(t.original)) + 8)
@@ -802,7 +820,7 @@ def run_restyle(selected_path: str | Path, params: RestyleParams, *, base_model:
     else:
         model_path = params.model or base_model
         llm = InnerLLM(model_path, dtype=params.dtype, batch_size=params.batch_size,
-                       temperature=params.temperature, seed=seed)
+                       temperature=params.temperature, seed=seed, no_repeat_ngram=params.no_repeat_ngram)
         cache = ResponseCache(params.cache_dir, llm.fingerprint)
         log.info("inner LLM %s (%s, fingerprint %s), cache %s (%s entries)", model_path, llm.dtype,
                  llm.fingerprint[:12], cache.path, f"{len(cache.data):,}")

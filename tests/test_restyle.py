@@ -320,3 +320,21 @@ def test_docs_show_the_prompts_in_use():
         assert " ".join(text.split()) in flat, text
     for line in (*r.REWRITE_USER.split("\n"), *r.REVIEW_USER.split("\n")):
         assert line.strip() in doc, line
+
+
+def test_inner_llm_no_repeat_ngram_breaks_loops(tiny_llm, monkeypatch):
+    prompt = tiny_llm.chat([{"role": "user", "content": "Describe the image."}])
+    seen = []
+    decode = tiny_llm.tok.decode
+    monkeypatch.setattr(tiny_llm.tok, "decode", lambda ids, **kw: seen.append(list(ids)) or decode(ids, **kw))
+
+    def bigrams():
+        tiny_llm.generate([prompt], [24])
+        ids = seen.pop()
+        return [tuple(ids[i: i + 2]) for i in range(len(ids) - 1)]
+
+    free = bigrams()
+    assert len(set(free)) < len(free)  # a random tiny model loops
+    monkeypatch.setattr(tiny_llm, "no_repeat_ngram", 2)
+    banned = bigrams()
+    assert len(banned) > 2 and len(set(banned)) == len(banned)
