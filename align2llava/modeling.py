@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -230,10 +232,15 @@ def smollm2_safetensors(cache_dir: str | Path) -> Path:
         del config.quantization_config  # weights are dequantized to float32 on load
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
-    tmp = cache.with_name(cache.name + ".tmp")
+    # a private temp folder, then one rename: concurrent converters never see a half-written cache
+    tmp = cache.with_name(f"{cache.name}.tmp{os.getpid()}")
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
-    tmp.replace(cache) if not cache.exists() else None
+    if (cache / "model.safetensors").exists() and (cache / "tokenizer.json").exists():
+        shutil.rmtree(tmp)  # another process finished first
+    else:
+        shutil.rmtree(cache, ignore_errors=True)
+        tmp.replace(cache)
     return cache
 
 

@@ -1,0 +1,59 @@
+"""Stage `pretrain`: the demo's base MLLM (LLaVA stage 1), or a user's checkpoint passed through.
+
+Writes models/pretrain/ in Hugging Face layout (config.json, model.safetensors, processor,
+tokenizer, chat template), loadable with align2llava.modeling.load_mllm.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from align2llava.clikit import setup_logging, user_errors
+from align2llava.config import PARAMS_FILE, load_base, load_section
+from align2llava.pretrain import PretrainParams, pretrain
+from align2llava.tracking import repo_root, stage_run
+
+log = logging.getLogger("stages.pretrain")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--params", "params_file", type=click.Path(path_type=Path), default=PARAMS_FILE,
+              show_default=True, help="The params file (sections `base` and `pretrain`).")
+@click.option("--captions", type=click.Path(path_type=Path), default=Path("data/synthesize/captions.jsonl"),
+              show_default=True, help="Captions JSONL ({\"id\", \"image\", \"caption\"}).")
+@click.option("--image-root", type=click.Path(path_type=Path), default=Path("data/synthesize/images"),
+              show_default=True, help="Folder the captions' image paths are relative to.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("models/pretrain"),
+              show_default=True, help="Output model folder (HF layout).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Where SmolLM2's GGUF is converted to safetensors once [default: <repo>/.cache/smollm2].")
+@click.option("--metrics-dir", type=click.Path(path_type=Path), default=Path("metrics"), show_default=True)
+@click.option("--plots-dir", type=click.Path(path_type=Path), default=Path("plots/pretrain"), show_default=True)
+def main(params_file: Path, captions: Path, image_root: Path, out_dir: Path, cache_dir: Path | None,
+         metrics_dir: Path, plots_dir: Path) -> None:
+    """Train the vision tower and projector of a LLaVA on captions with the LLM frozen."""
+    setup_logging()
+    with user_errors():
+        base = load_base(params_file)
+        params = load_section("pretrain", PretrainParams, params_file)
+        logged = {"base": base.model_dump(), "pretrain": params.model_dump()}
+        with stage_run("pretrain", logged, metrics_dir=metrics_dir) as run:
+            m = pretrain(params, base.seed, captions, image_root, out_dir,
+                         cache_dir or repo_root() / ".cache" / "smollm2", plots_dir)
+            run.log_metrics(m)
+    if m["passthrough"]:
+        log.info("passed %s through to %s (%s) in %.1f s", params.checkpoint, out_dir, m["model_type"], m["seconds"])
+        return
+    b, a = m["before"], m["after"]
+    log.info("held-out caption loss %.3f -> %.3f (shuffled images %.3f -> %.3f); accuracy %s -> %s",
+             b["caption_loss"], a["caption_loss"], b["caption_loss_shuffled_images"],
+             a["caption_loss_shuffled_images"], b["generation_accuracy"], a["generation_accuracy"])
+    log.info("saved %s in %.0f s (warm-up %.0f s, alignment %.0f s)", out_dir, m["seconds"],
+             m.get("warmup_seconds", 0), m.get("align_seconds", 0))
+
+
+if __name__ == "__main__":
+    main()
