@@ -79,6 +79,8 @@ class FinetuneParams(Section):
     freeze_mm_mlp_adapter: bool = False
     tune_vision_tower: bool = False
     gradient_checkpointing: bool = False
+    # Batch records of similar length together (less padding; LLaVA's group_by_modality_length).
+    group_by_length: bool = True
     logging_steps: int = 1
     save_steps: int = 50
     save_total_limit: int = 1
@@ -426,6 +428,37 @@ def last_checkpoint(folder: Path, expected: str) -> Path | None:
     return Path(found) if (found := get_last_checkpoint(str(folder))) else None
 
 
+def native_bf16() -> bool:
+    """Whether this machine computes bf16 natively: a CUDA GPU that supports it, or a CPU with
+    AMX / AVX512-BF16 (where bf16 matmuls run ~2x faster than fp32 on CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - older torch
+        return False
+
+
+def compute_dtype(name: str = "auto") -> Any:
+    """base.dtype as a compute dtype: auto = bf16 where native (GPU or CPU), else fp32."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if native_bf16() else torch.float32
+    if name == "float16" and not torch.cuda.is_available():
+        raise Align2LlavaError("dtype float16 needs a GPU; use bfloat16 or float32 on a CPU")
+    from .modeling import resolve_dtype
+
+    return resolve_dtype(name)
+
+
+def cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def peak_memory_mb() -> dict[str, float]:
     """Peak resident memory of this process, and CUDA's max allocated when on a GPU."""
     out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
@@ -457,7 +490,7 @@ def finetune(
     from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
     from .io import read_records_strict
-    from .modeling import load_mllm, resolve_dtype
+    from .modeling import load_mllm
 
     data, out_dir, base_model = Path(data), Path(out_dir), Path(base_model)
     records = read_records_strict(data)
@@ -494,8 +527,9 @@ def finetune(
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     (ckpt_dir / "fingerprint.txt").write_text(stamp + "\n")
 
-    bf16 = torch.cuda.is_available() and resolve_dtype(dtype) == torch.bfloat16
-    fp16 = torch.cuda.is_available() and resolve_dtype(dtype) == torch.float16
+    # fp32 weights; bf16/fp16 autocast (mixed precision) where the hardware computes it natively
+    compute = compute_dtype(dtype)
+    bf16, fp16 = compute == torch.bfloat16, compute == torch.float16
     args = TrainingArguments(
         output_dir=str(ckpt_dir),
         seed=params.seed,
@@ -515,6 +549,7 @@ def finetune(
         save_total_limit=params.save_total_limit,
         bf16=bf16,
         fp16=fp16,
+        use_cpu=bf16 and not torch.cuda.is_available(),  # bf16 autocast on a CPU with native bf16
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=params.dataloader_num_workers,
@@ -529,6 +564,16 @@ def finetune(
                 kwargs.pop("lr", None)
                 self.optimizer = cls(param_groups(model or self.model, params), **kwargs)
             return self.optimizer
+
+        def _get_train_sampler(self, train_dataset=None):
+            if not params.group_by_length:
+                return super()._get_train_sampler(train_dataset)
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                lengths=[len(e.input_ids) for e in examples],
+            )
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, outputs = answer_loss(model, inputs, num_items_in_batch)
@@ -552,16 +597,17 @@ def finetune(
     )
     if resume_from:
         log.info("resuming from %s", resume_from)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
 
     steps = [
         {"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate", 0.0)}
         for h in trainer.state.log_history
         if "loss" in h
     ]
-    final = merged(trainer.model if not hasattr(trainer.model, "module") else trainer.model.module)
+    # unwrapped: no DDP wrapper, no mixed-precision forward patch; LoRA merged into the weights
+    final = merged(trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False))
     if trainer.is_world_process_zero():
         save_model(final, processor, out_dir)
         if not params.keep_checkpoints:
@@ -570,6 +616,7 @@ def finetune(
     # share of all steps that this run did (the rest came from a resumed checkpoint)
     run_share = 1.0 - (_step_of(resume_from) if resume_from else 0) / max(trainer.state.global_step, 1)
     metrics: dict[str, Any] = {
+        "dtype": "bf16 mixed" if bf16 else "fp16 mixed" if fp16 else "fp32",
         "train_records": len(examples),
         "train_tokens": n_tokens,
         "answer_tokens": n_answer,
@@ -579,6 +626,8 @@ def finetune(
         "steps": trainer.state.global_step,
         "epochs": round(epochs, 3),
         "train_seconds": round(seconds, 2),
+        # CPU time of this process (all threads): comparable across loads on a shared machine
+        "train_cpu_seconds": round(cpu, 2),
         "tokens_per_second": round(n_tokens * epochs * run_share / max(seconds, 1e-9), 1),
         "trainable_params": trainable,
         "total_params": total,
