@@ -31,7 +31,9 @@ import csv
 import json
 import logging
 import math
+import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,8 +275,14 @@ Runner = Callable[[list[str]], str]
 
 
 def run_cmd(cmd: list[str]) -> str:
-    """Run a command; its stdout, or an error with the last lines of its output."""
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    """Run a command; its stdout, or an error with the last lines of its output.
+
+    This interpreter's folder goes first on PATH, so that the queue workers DVC starts run the
+    stages' `python -m stages...` with this environment's python.
+    """
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
         raise Align2LlavaError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {tail}")
