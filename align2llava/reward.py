@@ -71,6 +71,9 @@ class TrainRewardParams(Section):
     max_grad_norm: float = Field(1.0, gt=0)
     max_length: int = Field(2048, ge=8)
     corruption_rate: float = Field(0.25, ge=0.0, le=1.0)
+    # Not in the paper (0 = off): per group, probability of an image-mismatch pair, the group's
+    # best candidate over a best candidate written for another image (see mismatch_pairs).
+    mismatch_rate: float = Field(0.0, ge=0.0, le=1.0)
     # Validate every N optimizer steps (0: once per epoch) and at the end.
     eval_steps: int = Field(0, ge=0)
     per_device_eval_batch_size: int = Field(32, ge=1)
@@ -421,6 +424,47 @@ def augmentation_pairs(pairs: Sequence[dict[str, Any]], kind: str, rate: float, 
     return out
 
 
+def mismatch_pairs(pairs: Sequence[dict[str, Any]], kind: str, rate: float, seed: int) -> list[dict[str, Any]]:
+    """(top candidate of a group > a top candidate written for another image) pairs.
+
+    An extension beyond the paper (off at rate 0): image-text mismatch negatives make the RM
+    look at the image. For each group, with probability `rate`, its best candidate (one never
+    rejected in the group) is preferred, on the group's own image and prompt, over a best
+    candidate of a random group on a different image (same prompt when one exists).
+    """
+    if rate <= 0:
+        return []
+    rng = random.Random(f"{seed}:{kind}:mismatch")
+    best: dict[str, list[str]] = {}
+    info: dict[str, tuple[str, str]] = {}
+    rejected: dict[str, set[str]] = {}
+    for p in pairs:
+        info.setdefault(p["group"], (p["image"], p["prompt"]))
+        rejected.setdefault(p["group"], set()).add(p["rejected"])
+        best.setdefault(p["group"], [])
+    for p in pairs:
+        if p["chosen"] not in rejected[p["group"]] and p["chosen"] not in best[p["group"]]:
+            best[p["group"]].append(p["chosen"])
+    groups = sorted(g for g in best if best[g])
+    by_prompt: dict[str, list[str]] = {}
+    for g in groups:
+        by_prompt.setdefault(info[g][1], []).append(g)
+    out = []
+    for g in groups:
+        if rng.random() >= rate:
+            continue
+        image, prompt = info[g]
+        pool = [o for o in by_prompt[prompt] if info[o][0] != image] or [o for o in groups if info[o][0] != image]
+        if not pool:
+            continue
+        other = rng.choice(pool)
+        chosen, bad = rng.choice(best[g]), rng.choice(best[other])
+        if chosen != bad:
+            out.append({"group": g, "image": image, "prompt": prompt, "chosen": chosen, "rejected": bad,
+                        "augmented": True})
+    return out
+
+
 def pair_text(kind: str, prompt: str, candidate: str) -> str:
     return question_text(candidate) if kind == "question" else answer_text(prompt, candidate)
 
@@ -619,6 +663,7 @@ def train_reward_model(
     rm, processor = build_reward_model(base_model, params, device=str(device))
     encoder = Encoder(processor, params.max_length, image_root)
     aug = augmentation_pairs(train, kind, params.corruption_rate, seed)
+    aug += mismatch_pairs(train, kind, params.mismatch_rate, seed)
     train_data = _PairData(kind, list(train) + aug, encoder)
     val_data = _PairData(kind, val, encoder)
     n_train = sum(p.numel() for _, p in trainable_parameters(rm))
@@ -757,7 +802,8 @@ def load_reward_model(path: str | Path, *, backbone: str | Path | None = None, d
 
     `backbone` overrides the base checkpoint path recorded in reward_config.json (a relative
     path there is relative to the working directory, the repo root for DVC stages). `merge`
-    folds the LoRA adapter into the weights for faster inference.
+    folds the LoRA adapter into float32 weights for faster inference (never into bf16 ones:
+    rounding would wipe out the small LoRA deltas).
     """
     import torch
     from safetensors.torch import load_file
@@ -785,7 +831,7 @@ def load_reward_model(path: str | Path, *, backbone: str | Path | None = None, d
         from peft import PeftModel
 
         bb = PeftModel.from_pretrained(llava, str(path), is_trainable=False)
-        if merge:
+        if merge and dt == torch.float32:  # a bf16 merge would round the small LoRA deltas away
             bb = bb.merge_and_unload()
     hidden = llava.config.text_config.hidden_size
     if hidden != meta["hidden_size"] or tensors["head.weight"].shape != (1, hidden):

@@ -19,6 +19,7 @@ from align2llava.reward import (
     corrupt,
     last_token_index,
     load_reward_model,
+    mismatch_pairs,
     pairwise_accuracy,
     question_text,
     score_items,
@@ -72,6 +73,26 @@ def test_augmentation_rate_and_determinism():
     assert aug != augmentation_pairs(pairs, "answer", 0.25, seed=1)
     assert all(a["chosen"] != a["rejected"] for a in aug)
     assert augmentation_pairs(pairs, "answer", 0.0, seed=0) == []
+
+
+def test_mismatch_pairs_use_best_candidates_of_other_images():
+    pairs = []
+    for g in range(30):
+        img = f"img{g % 6}.png"
+        # candidate "best g" beats the two others; "mid g" beats "bad g"
+        for c, r in ((f"best {g}", f"mid {g}"), (f"best {g}", f"bad {g}"), (f"mid {g}", f"bad {g}")):
+            pairs.append({"group": f"g{g}", "image": img, "prompt": "Q?" if g % 2 else "R?",
+                          "chosen": c, "rejected": r})
+    out = mismatch_pairs(pairs, "answer", 0.5, seed=0)
+    assert 8 <= len(out) <= 22
+    image_of = {f"best {g}": f"img{g % 6}.png" for g in range(30)}
+    for m in out:
+        assert m["chosen"].startswith("best ") and m["rejected"].startswith("best ")
+        assert image_of[m["chosen"]] == m["image"] != image_of[m["rejected"]]
+        g_other = int(m["rejected"].split()[1])
+        assert ("Q?" if g_other % 2 else "R?") == m["prompt"]  # same prompt when one exists
+    assert out == mismatch_pairs(pairs, "answer", 0.5, seed=0)
+    assert mismatch_pairs(pairs, "answer", 0.0, seed=0) == []
 
 
 def test_pairwise_accuracy_and_last_token():
