@@ -62,8 +62,8 @@ class PretrainParams(Section):
     # Caption words naming one attribute each: the warm-up objective and the generation check.
     word_groups: dict[str, list[str]] = DEFAULT_WORD_GROUPS
     # phase 1: vision warm-up (0 steps: skip)
-    warmup_steps: int = Field(200, ge=0)
-    warmup_learning_rate: float = Field(3.0e-3, gt=0)
+    warmup_steps: int = Field(300, ge=0)
+    warmup_learning_rate: float = Field(4.0e-3, gt=0)
     warmup_batch_size: int = Field(64, ge=1)
     # phase 2: caption alignment through the frozen LLM. The prompt is the user turn of the
     # model's chat template (chat_template: false -> used as is, e.g. LLaVA's plain "<image>\n").
@@ -71,8 +71,8 @@ class PretrainParams(Section):
     chat_template: bool = True
     max_steps: int = Field(80, ge=0)
     per_device_train_batch_size: int = Field(16, ge=1)
-    learning_rate: float = Field(2.0e-3, gt=0)  # projector
-    vision_learning_rate: float = Field(2.0e-4, ge=0)  # vision tower (0: frozen in phase 2)
+    learning_rate: float = Field(3.0e-3, gt=0)  # projector
+    vision_learning_rate: float = Field(1.0e-4, ge=0)  # vision tower (0: frozen in phase 2)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_new_tokens: int = Field(16, ge=1)
@@ -418,6 +418,20 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
+def _staging(out: Path) -> Path:
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+
+
 def pass_through(checkpoint: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Put a user's model folder at `out_dir` (hard links where possible) and check it loads."""
     from transformers import AutoConfig, AutoProcessor
@@ -436,9 +450,9 @@ def pass_through(checkpoint: str | Path, out_dir: str | Path) -> dict[str, Any]:
         raise DataError(f"pretrain.checkpoint: {src}: config has no vision_config/text_config (not a LLaVA-style MLLM)")
     if not any(src.glob("*.safetensors")) and not any(src.glob("*.bin")):
         raise DataError(f"pretrain.checkpoint: {src}: no weight files (*.safetensors)")
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(src, out, copy_function=_link_or_copy)
+    tmp = _staging(out)
+    shutil.copytree(src, tmp, copy_function=_link_or_copy)
+    _swap_in(tmp, out)
     return {"passthrough": 1, "model_type": config.model_type}
 
 
@@ -460,13 +474,12 @@ def pretrain(p: PretrainParams, seed: int, captions: str | Path, image_root: str
     random.Random(seed).shuffle(examples)
     train, held = examples[: -p.eval_captions], examples[-p.eval_captions:]
     torch.manual_seed(seed)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    work = _staging(out)  # built aside, swapped in at the end: readers never see a half-written model
+    work.mkdir(parents=True)
     if p.init == "smollm2":
-        model = build_smollm2_llava(out, cache_dir=cache_dir, seed=seed, vision_hidden=p.vision_hidden,
+        model = build_smollm2_llava(work, cache_dir=cache_dir, seed=seed, vision_hidden=p.vision_hidden,
                                     vision_layers=p.vision_layers, vision_heads=p.vision_heads)
-        processor = AutoProcessor.from_pretrained(str(out))
+        processor = AutoProcessor.from_pretrained(str(work))
     else:
         model, processor = load_mllm(p.init, dtype="float32")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -525,15 +538,16 @@ def pretrain(p: PretrainParams, seed: int, captions: str | Path, image_root: str
     for prm in model.parameters():
         prm.requires_grad_(False)
     model.to("cpu")
-    model.save_pretrained(str(out))
-    processor.save_pretrained(str(out))
-    reloaded, _ = load_mllm(out, dtype="float32")
+    model.save_pretrained(str(work))
+    processor.save_pretrained(str(work))
+    reloaded, _ = load_mllm(work, dtype="float32")
     ids, mask, tg = collate(enc_held[:4], tok.pad_token_id)
     with torch.no_grad():
         a = caption_loss(model, ids, mask, pix_held[:4].cpu(), tg).item()
         b = caption_loss(reloaded, ids, mask, pix_held[:4].cpu(), tg).item()
     if abs(a - b) > 1e-4:
-        raise DataError(f"{out}: the saved model does not reload to the same outputs (loss {a:.5f} vs {b:.5f})")
+        raise DataError(f"{work}: the saved model does not reload to the same outputs (loss {a:.5f} vs {b:.5f})")
+    _swap_in(work, out)
     if plots_dir is not None:
         _write_curve(steps, Path(plots_dir) / "steps.csv")
         _write_curve(warm_curve, Path(plots_dir) / "warmup.csv")
