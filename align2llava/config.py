@@ -34,6 +34,9 @@ class BaseParams(Section):
     image_root: str = "data/synthesize/images"
     # "auto": bf16 on a GPU that supports it, else float32.
     dtype: str = "auto"
+    # How the heavy stages are started (dvc.yaml: `${base.launcher} -m stages.<name>`):
+    # "python", or "accelerate launch --num_processes 8" for many GPUs / nodes.
+    launcher: str = "python"
 
 
 S = TypeVar("S", bound=Section)

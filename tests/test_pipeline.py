@@ -45,7 +45,7 @@ def test_stage_is_consistent(name):
     stage = pipeline()[name]
     mod = module_of(name)
     script = ROOT / (mod.replace(".", "/") + ".py")
-    assert stage["cmd"].startswith(f"python -m {mod}"), stage["cmd"]
+    assert stage["cmd"] in (f"python -m {mod}", f"${{base.launcher}} -m {mod}"), stage["cmd"]
     assert script.exists()
     deps = set(stage.get("deps", []))
     assert str(script.relative_to(ROOT)) in deps
