@@ -837,6 +837,8 @@ def load_reward_model(path: str | Path, *, backbone: str | Path | None = None, d
     if hidden != meta["hidden_size"] or tensors["head.weight"].shape != (1, hidden):
         raise DataError(f"{path}: head size {tuple(tensors['head.weight'].shape)} does not fit backbone "
                         f"{base} (hidden size {hidden})")
+    if str(device) == "cpu":
+        llava.set_attn_implementation("eager")  # as in training (see build_reward_model)
     rm = RewardModel(bb, hidden)
     rm.head.weight.data.copy_(tensors["head.weight"])
     rm.to(device).eval()
