@@ -118,6 +118,11 @@ def compute_dtype(name: str = "auto", device: str = "cpu") -> Any:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
+def _is_cpu(device: Any) -> bool:
+    """True for "cpu" and for the "cpu:<rank>" devices accelerate gives CPU processes."""
+    return str(device).split(":")[0] == "cpu"
+
+
 def cpu_has_native_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text().split()
@@ -347,7 +352,7 @@ def build_reward_model(
     if (params.cache_frozen_layers and params.method == "lora" and layers is not None
             and not train_proj and layers[0] > 0):
         start = layers[0]
-    if str(device) == "cpu":
+    if _is_cpu(device):
         # CPU: eager attention backpropagates through bf16 matmuls, several times faster than
         # the CPU SDPA kernel's backward
         (backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone).set_attn_implementation("eager")
@@ -837,7 +842,7 @@ def load_reward_model(path: str | Path, *, backbone: str | Path | None = None, d
     if hidden != meta["hidden_size"] or tensors["head.weight"].shape != (1, hidden):
         raise DataError(f"{path}: head size {tuple(tensors['head.weight'].shape)} does not fit backbone "
                         f"{base} (hidden size {hidden})")
-    if str(device) == "cpu":
+    if _is_cpu(device):
         llava.set_attn_implementation("eager")  # as in training (see build_reward_model)
     rm = RewardModel(bb, hidden)
     rm.head.weight.data.copy_(tensors["head.weight"])
