@@ -383,7 +383,9 @@ def read_table(
 ) -> tuple[list[Group], int]:
     """CSV (header row) or JSONL rows {group, image, kind, candidate, score, prompt}."""
     path = Path(path)
+    before = rejects.count
     rows = _table_rows(path, rejects)
+    unparsed = rejects.count - before  # JSONL lines that are not JSON
     by_group: dict[str, Group] = {}
     order: list[str] = []
     for i, row in rows:
@@ -415,7 +417,7 @@ def read_table(
             g.scores.append(score)
         except DataError as exc:
             rejects.add(i, row.get("group") if isinstance(row, dict) else None, str(exc), row)
-    return [by_group[g] for g in order], len(rows)
+    return [by_group[g] for g in order], len(rows) + unparsed
 
 
 def _table_rows(path: Path, rejects: Rejects) -> list[tuple[int, Any]]:

@@ -208,6 +208,7 @@ def test_table_csv_and_jsonl(tmp_path, image_root):
     res2 = import_annotations("table", input=tmp_path / "t.jsonl", out_dir=tmp_path / "o2",
                               image_root=image_root, reject_budget=1)
     assert len(res2.pairs) == 3 and res2.metrics()["rejected_rows"] == 1
+    assert res2.metrics()["input_rows"] == 6
     (tmp_path / "bad.csv").write_text("group,image,score\n1,a.png,0.5\n")
     with pytest.raises(DataError, match="header lacks column"):
         import_annotations("table", input=tmp_path / "bad.csv", out_dir=tmp_path / "o3")
