@@ -414,18 +414,23 @@ def fingerprint(params: FinetuneParams, data: Path, base_model: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def last_checkpoint(folder: Path, expected: str) -> Path | None:
-    """The newest checkpoint-N in `folder` if its fingerprint matches, else None (folder wiped)."""
+def prepare_checkpoint_dir(folder: Path, stamp: str, resume: bool) -> None:
+    """Keep `folder`'s checkpoints only when resuming from the same data and params."""
+    old = folder / "fingerprint.txt"
+    if folder.is_dir() and (not resume or not old.exists() or old.read_text().strip() != stamp):
+        if resume and any(folder.glob("checkpoint-*")):
+            log.info("%s: checkpoints are from other data or params; starting fresh", folder)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    old.write_text(stamp + "\n")
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint-N folder in `folder`, if any."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    if not folder.is_dir():
-        return None
-    stamp = folder / "fingerprint.txt"
-    if not stamp.exists() or stamp.read_text().strip() != expected:
-        log.info("%s: checkpoints are from other data or params; starting fresh", folder)
-        shutil.rmtree(folder)
-        return None
-    return Path(found) if (found := get_last_checkpoint(str(folder))) else None
+    found = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    return Path(found) if found else None
 
 
 def native_bf16() -> bool:
@@ -452,6 +457,14 @@ def compute_dtype(name: str = "auto") -> Any:
     from .modeling import resolve_dtype
 
     return resolve_dtype(name)
+
+
+def process_state() -> Any:
+    """accelerate's view of this process (main or not, under `accelerate launch`)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def cpu_seconds() -> float:
@@ -521,11 +534,11 @@ def finetune(
 
     ckpt_dir = Path(params.checkpoint_dir)
     stamp = fingerprint(params, data, base_model)
-    resume_from = last_checkpoint(ckpt_dir, stamp) if params.resume else None
-    if not params.resume and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    (ckpt_dir / "fingerprint.txt").write_text(stamp + "\n")
+    state = process_state()
+    if state.is_main_process:  # one process tidies the checkpoint folder, the others wait
+        prepare_checkpoint_dir(ckpt_dir, stamp, params.resume)
+    state.wait_for_everyone()
+    resume_from = last_checkpoint(ckpt_dir) if params.resume else None
 
     # fp32 weights; bf16/fp16 autocast (mixed precision) where the hardware computes it natively
     compute = compute_dtype(dtype)

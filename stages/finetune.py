@@ -1,19 +1,20 @@
 """Stage `finetune`: LLaVA visual instruction tuning of the base MLLM on the curated set.
 
     python -m stages.finetune                      # one CPU or GPU
-    accelerate launch -m stages.finetune           # many GPUs (configure with `accelerate config`)
+    accelerate launch -m stages.finetune           # many GPUs (or set base.launcher for dvc repro)
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
 
 from align2llava.clikit import setup_logging, user_errors
 from align2llava.config import PARAMS_FILE, load_base, load_section
-from align2llava.finetune import FinetuneParams, finetune, write_steps_csv
+from align2llava.finetune import FinetuneParams, finetune, process_state, write_steps_csv
 from align2llava.tracking import stage_run
 
 log = logging.getLogger("stages.finetune")
@@ -37,7 +38,8 @@ def main(params_file: Path, data: Path, out: Path, plots_dir: Path, metrics_dir:
         base = load_base(params_file)
         params = load_section("finetune", FinetuneParams, params_file)
         logged = {"base": base.model_dump(), "finetune": params.model_dump()}
-        with stage_run("finetune", logged, metrics_dir=metrics_dir) as run:
+        is_main = process_state().is_main_process  # under `accelerate launch`, one writes
+        with stage_run("finetune", logged, metrics_dir=metrics_dir) if is_main else nullcontext() as run:
             result = finetune(
                 params,
                 base_model=base.base_model,
@@ -45,11 +47,12 @@ def main(params_file: Path, data: Path, out: Path, plots_dir: Path, metrics_dir:
                 image_root=base.image_root,
                 out_dir=out,
                 dtype=base.dtype,
-                on_step=lambda step, values: run.log_step(values, step),
+                on_step=(lambda step, values: run.log_step(values, step)) if is_main else None,
             )
-            write_steps_csv(result.steps, plots_dir / "steps.csv")
-            run.log_metrics(result.metrics)
-    log.info("model -> %s, loss curve -> %s", out, plots_dir / "steps.csv")
+            if is_main:
+                write_steps_csv(result.steps, plots_dir / "steps.csv")
+                run.log_metrics(result.metrics)
+                log.info("model -> %s, loss curve -> %s", out, plots_dir / "steps.csv")
 
 
 if __name__ == "__main__":
