@@ -21,6 +21,14 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    yield
+    # accelerate keeps process-wide singletons (mixed precision, device): a test that ran a
+    # bf16 Trainer must not leak its state into the next test's Accelerator.
+    try:
+        from accelerate.state import AcceleratorState
+    except ImportError:
+        return
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="session")
