@@ -24,7 +24,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from pydantic import Field
 
@@ -53,8 +53,9 @@ class ScoreParams(Section):
     reject_budget: float = Field(0.01, ge=0.0)
     # Decode every image while checking the pool (else only check that the file exists).
     decode_images: bool = True
-    # auto: bf16 on GPUs and on CPUs with native bf16, else float32.
-    dtype: str = "auto"
+    # auto: bf16 on GPUs; fp32 weights with bf16 matmuls (mixed) on CPUs with native bf16; else
+    # float32 (align2llava.reward.precision).
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "mixed"] = "auto"
     # Diagnosis only (the demo's defect oracle): AUROC of the scores per defect type when the
     # file exists. Scores never depend on it. null: skip.
     oracle: str | None = "data/synthesize/oracle.jsonl"
