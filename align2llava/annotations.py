@@ -36,7 +36,7 @@ from .config import Section
 from .errors import DataError
 from .images import resolve_image
 from .io import read_json_any
-from .records import IMAGE_TOKEN, strip_image_token
+from .records import strip_image_token
 from .rejects import Rejects
 
 log = logging.getLogger(__name__)
@@ -598,7 +598,6 @@ __all__ = [
     "AnnotateImportParams",
     "Group",
     "ImportResult",
-    "IMAGE_TOKEN",
     "import_annotations",
     "read_pairs",
     "split_images",
