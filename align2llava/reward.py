@@ -266,6 +266,13 @@ class RewardModel(_torch_module()):  # type: ignore[misc]
                 if hasattr(m, "cast_input_dtype_enabled"):
                     m.cast_input_dtype_enabled = False
 
+    def _amp(self, device_type: str) -> Any:
+        import torch
+
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
+
     def llava(self) -> Any:
         bb = self.backbone
         return bb.get_base_model() if hasattr(bb, "get_base_model") else bb
@@ -275,9 +282,7 @@ class RewardModel(_torch_module()):  # type: ignore[misc]
         """Rewards [B]. Given `hidden` (cached states entering `start_layer`), runs only the top."""
         import torch
 
-        dev = attention_mask.device.type
-        amp = torch.autocast(dev, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
-        with amp:
+        with self._amp(attention_mask.device.type):
             if hidden is not None:
                 lm = self.llava().language_model
                 with _only_layers(lm, self.start_layer, None):
@@ -298,7 +303,7 @@ class RewardModel(_torch_module()):  # type: ignore[misc]
         captured: list[Any] = []
         hook = lm.norm.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
         try:
-            with torch.no_grad(), _only_layers(lm, 0, self.start_layer):
+            with torch.no_grad(), self._amp(input_ids.device.type), _only_layers(lm, 0, self.start_layer):
                 self.llava()(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
         finally:
             hook.remove()
