@@ -22,6 +22,8 @@ from align2llava.finetune import (
     encode_record,
     finetune,
     image_token_count,
+    last_checkpoint,
+    prepare_checkpoint_dir,
     prepare_examples,
     target_regex,
 )
@@ -163,7 +165,8 @@ def test_finetune_trains_changes_params_and_reloads(mode, tiny_llava, train_data
 
     out = tmp_path / "model"
     result = finetune(
-        _params(tmp_path, mode=mode), base_model=tiny_llava, data=train_data, image_root=image_root, out_dir=out
+        _params(tmp_path, mode=mode), base_model=tiny_llava, data=train_data, image_root=image_root, out_dir=out,
+        dtype="float32",
     )
     losses = [s["loss"] for s in result.steps]
     assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
@@ -195,7 +198,7 @@ def test_frozen_projector_and_top_layers_only(tiny_llava, train_data, image_root
 
     out = tmp_path / "model"
     params = _params(tmp_path, freeze_mm_mlp_adapter=True, layers_to_transform=[-1], max_steps=2)
-    finetune(params, base_model=tiny_llava, data=train_data, image_root=image_root, out_dir=out)
+    finetune(params, base_model=tiny_llava, data=train_data, image_root=image_root, out_dir=out, dtype="float32")
     before, after = _state(tiny_llava), _state(out)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("language_model" in k and "layers.1." in k for k in changed)
@@ -214,23 +217,30 @@ def test_interrupted_run_resumes_from_last_checkpoint(tiny_llava, train_data, im
 
     with pytest.raises(Stop):
         finetune(params, base_model=tiny_llava, data=train_data, image_root=image_root,
-                 out_dir=tmp_path / "m", on_step=crash)
+                 out_dir=tmp_path / "m", on_step=crash, dtype="float32")
     ckpts = sorted(p.name for p in (tmp_path / "ckpt").glob("checkpoint-*"))
     assert ckpts == ["checkpoint-2"]
     assert (tmp_path / "ckpt" / "checkpoint-2" / "adapter_model.safetensors").exists()
     seen = []
     result = finetune(params, base_model=tiny_llava, data=train_data, image_root=image_root,
-                      out_dir=tmp_path / "m", on_step=lambda s, v: seen.append(s))
+                      out_dir=tmp_path / "m", on_step=lambda s, v: seen.append(s), dtype="float32")
     assert result.metrics["resumed_from_step"] == 2 and result.metrics["steps"] == 6
     assert seen == [3, 4, 5, 6]
     assert [s["step"] for s in result.steps] == [1, 2, 3, 4, 5, 6]  # curve includes resumed history
 
-    # other params: the old checkpoints are not used
-    (tmp_path / "ckpt").mkdir()
-    (tmp_path / "ckpt" / "fingerprint.txt").write_text("something else\n")
-    (tmp_path / "ckpt" / "checkpoint-4").mkdir()
-    result = finetune(params, base_model=tiny_llava, data=train_data, image_root=image_root, out_dir=tmp_path / "m")
-    assert result.metrics["resumed_from_step"] == 0
+
+
+def test_checkpoints_of_other_data_or_params_are_not_resumed(tmp_path):
+    folder = tmp_path / "ckpt"
+    (folder / "checkpoint-4").mkdir(parents=True)
+    (folder / "fingerprint.txt").write_text("abc\n")
+    prepare_checkpoint_dir(folder, "abc", resume=True)
+    assert last_checkpoint(folder) == folder / "checkpoint-4"
+    prepare_checkpoint_dir(folder, "other", resume=True)
+    assert last_checkpoint(folder) is None and (folder / "fingerprint.txt").read_text() == "other\n"
+    (folder / "checkpoint-2").mkdir()
+    prepare_checkpoint_dir(folder, "other", resume=False)
+    assert last_checkpoint(folder) is None
 
 
 def _write_params(tmp_path, tiny_llava, image_root, **finetune_kw) -> Path:
