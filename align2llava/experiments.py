@@ -34,6 +34,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,15 +279,20 @@ def run_cmd(cmd: list[str]) -> str:
     """Run a command; its stdout, or an error with the last lines of its output.
 
     This interpreter's folder goes first on PATH, so that the queue workers DVC starts run the
-    stages' `python -m stages...` with this environment's python.
+    stages' `python -m stages...` with this environment's python. Output goes through temporary
+    files, not pipes: `dvc queue start` leaves a worker running that inherits them, and a pipe
+    would make this call wait for the whole queue.
     """
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.run(cmd, stdout=out, stderr=err, text=True, env=env)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-5:])
+        tail = "\n".join((stdout + stderr).strip().splitlines()[-5:])
         raise Align2LlavaError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {tail}")
-    return proc.stdout
+    return stdout
 
 
 def exp_show(runner: Runner = run_cmd, dvc: str = "dvc", rev: str | None = None) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -21,6 +22,7 @@ from align2llava.experiments import (
     parse_exp_show,
     plan_runs,
     queue_command,
+    run_cmd,
     summarize,
 )
 
@@ -184,3 +186,15 @@ def test_cli_dry_run_prints_queue_commands():
     assert len(lines) == 4 and all(line.startswith("dvc exp run --queue -n cmp-") for line in lines)
     bad = CliRunner().invoke(main, ["compression", "--dry-run", "--ratios", "x"])
     assert bad.exit_code == 1 and "Error: cannot read 'x'" in bad.output
+
+
+def test_run_cmd_returns_when_the_command_exits_not_when_its_daemon_does():
+    # `dvc queue start` leaves a worker holding the command's stdout; the call must not wait for it
+    start = time.monotonic()
+    out = run_cmd(["sh", "-c", "sleep 30 & echo started"])
+    assert out.strip() == "started" and time.monotonic() - start < 20
+
+
+def test_run_cmd_failure_names_the_command_and_its_last_lines():
+    with pytest.raises(Align2LlavaError, match=r"`sh -c .*` failed \(exit 3\): boom"):
+        run_cmd(["sh", "-c", "echo boom >&2; exit 3"])
