@@ -15,7 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import subprocess
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -80,6 +83,13 @@ class StageRun:
         self.metrics: dict[str, Any] = {}
         self._run = mlflow_run
         self._metrics_dir = metrics_dir
+        self._start = time.monotonic()
+
+    def log_resources(self) -> None:
+        """`run.wall_seconds` (since the run opened) and `run.peak_rss_mb` (this process)."""
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)
+        self.log_metrics({"run": {"wall_seconds": round(time.monotonic() - self._start, 1),
+                                  "peak_rss_mb": round(peak, 1)}})
 
     def log_metrics(self, metrics: dict[str, Any]) -> None:
         """Final metrics: kept for metrics/<stage>.json; numbers also go to MLflow."""
@@ -132,6 +142,7 @@ def stage_run(
     if os.environ.get("ALIGN2LLAVA_NO_MLFLOW") == "1":
         run = StageRun(stage, None, Path(metrics_dir))
         yield run
+        run.log_resources()
         run.write_metrics()
         return
 
@@ -152,5 +163,6 @@ def stage_run(
         mlflow.log_text(json.dumps(params, indent=2, sort_keys=True, default=str), "params.json")
         run = StageRun(stage, active, Path(metrics_dir))
         yield run
+        run.log_resources()
         path = run.write_metrics()
         log.info("metrics -> %s and MLflow run %s (%s)", path, active.info.run_id, tracking_uri())

@@ -55,7 +55,9 @@ def test_stage_run_writes_metrics_and_mlflow(tmp_path, monkeypatch):
         run.log_step({"loss": 1.0}, step=0)
         run.log_metrics({"kept": 9, "per_type": {"detail": 3}, "note": "ok"})
     data = json.loads((tmp_path / "metrics" / "select.json").read_text())
+    resources = data.pop("run")
     assert data == {"kept": 9, "per_type": {"detail": 3}, "note": "ok"}
+    assert set(resources) == {"wall_seconds", "peak_rss_mb"} and resources["peak_rss_mb"] > 10
 
     import mlflow
 
@@ -64,6 +66,7 @@ def test_stage_run_writes_metrics_and_mlflow(tmp_path, monkeypatch):
     assert r.data.tags["stage"] == "select" and r.data.tags["dvc_exp_name"] == "exp-1"
     assert r.data.params["select.keep_ratio"] == "0.3"
     assert r.data.metrics["kept"] == 9 and r.data.metrics["per_type.detail"] == 3
+    assert r.data.metrics["run.peak_rss_mb"] == resources["peak_rss_mb"]
 
 
 def test_repo_root_inside_dvc_queue_workspace(tmp_path):
