@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(BIN)/dvc repro
-	@$(BIN)/dvc metrics show
+	@$(BIN)/align2llava summary   # every metric: dvc metrics show
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

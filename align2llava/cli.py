@@ -160,5 +160,17 @@ def compression(ratios: str, seeds: str, methods: str, jobs: int, out_csv: Path,
     click.echo(result.table)
     click.echo(f"{len(result.rows)} runs -> {out_csv}" + (f"; failed: {', '.join(result.failed)}" if result.failed else ""))
 
+
+@main.command()
+@click.option("--metrics-dir", type=click.Path(path_type=Path), default="metrics", show_default=True, help="Where the stages wrote their metrics.")
+def summary(metrics_dir: Path) -> None:
+    """The headline figures of each stage that ran, one line per stage (from metrics/*.json)."""
+    from .summary import summary_lines
+
+    with user_errors():
+        lines = summary_lines(metrics_dir)
+    click.echo("\n".join(lines))
+
+
 if __name__ == "__main__":
     main()

@@ -80,3 +80,26 @@ def test_convert_refuses_unreadable_entries(tmp_path):
     res = run("convert", f, tmp_path / "y.json")
     assert res.exit_code == 1 and "line 2 is not valid JSON" in res.output
     assert not (tmp_path / "y.json").exists()
+
+
+def test_summary_prints_headlines_in_pipeline_order_with_cost(tmp_path):
+    m = tmp_path / "metrics"
+    m.mkdir()
+    (m / "evaluate.json").write_text(json.dumps({"benchmark_accuracy": 0.5, "pope_f1": 0.6689,
+                                                 "run": {"wall_seconds": 61.2, "peak_rss_mb": 1536.0}}))
+    (m / "train_reward.json").write_text(json.dumps({"question_val_pairwise_accuracy": 0.8141}))
+    (m / "custom.json").write_text(json.dumps({"b": 2, "a": 1.25, "note": "x"}))
+    result = CliRunner().invoke(main, ["summary", "--metrics-dir", str(m)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "train_reward  question RM val acc 0.814",
+        "evaluate      benchmark accuracy 0.500, POPE F1 0.669  [61 s, 1.5 GB peak]",
+        "custom        a 1.250, b 2",
+    ]
+
+
+def test_summary_broken_metrics_file_is_one_line_error(tmp_path):
+    (tmp_path / "select.json").write_text("{oops")
+    result = CliRunner().invoke(main, ["summary", "--metrics-dir", str(tmp_path)])
+    assert result.exit_code == 1 and "select.json: not a readable JSON metrics file" in result.output
+    assert "Traceback" not in result.output
