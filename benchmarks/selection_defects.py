@@ -1,0 +1,57 @@
+"""What the selection kept, by the demo oracle: defect rates in the pool vs the selected set.
+
+    python benchmarks/selection_defects.py                       # data/select/selected.json
+    python benchmarks/selection_defects.py --selected data/restyle/curated.json
+
+Demo only: data/synthesize/oracle.jsonl records which defects the generator put in each pool
+record (the pipeline never reads it). A record counts once per defect type it carries;
+`clean` is the share with none.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from align2llava.clikit import user_errors  # noqa: E402
+
+
+def defect_rates(ids: list[str], oracle: dict[str, list[str]]) -> dict[str, float]:
+    counts: Counter[str] = Counter()
+    for i in ids:
+        defects = set(oracle[i])
+        counts.update(defects or {"clean"})
+    return {k: counts[k] / len(ids) for k in sorted(counts)}
+
+
+@click.command()
+@click.option("--oracle", "oracle_file", default="data/synthesize/oracle.jsonl", show_default=True, type=click.Path(path_type=Path))
+@click.option("--selected", "selected_file", default="data/select/selected.json", show_default=True, type=click.Path(path_type=Path))
+def main(oracle_file: Path, selected_file: Path) -> None:
+    """Print defect rates per type: whole pool vs selected records."""
+    with user_errors():
+        from align2llava.io import read_records
+
+        oracle = {}
+        for n, line in enumerate(oracle_file.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                row = json.loads(line)
+                oracle[row["id"]] = row.get("defects") or []
+        selected = [r["id"] for r in read_records(selected_file).records]
+        unknown = [i for i in selected if i not in oracle]
+        if unknown:
+            raise click.ClickException(f"{selected_file}: record id {unknown[0]} is not in {oracle_file}")
+    pool, kept = defect_rates(list(oracle), oracle), defect_rates(selected, oracle)
+    click.echo(f"{'defect':<22} {'pool':>6} {'selected':>9}   ({len(oracle)} pool, {len(selected)} selected)")
+    for k in sorted(set(pool) | set(kept), key=lambda k: (k != "clean", k)):
+        click.echo(f"{k:<22} {pool.get(k, 0):>6.3f} {kept.get(k, 0):>9.3f}")
+
+
+if __name__ == "__main__":
+    main()
