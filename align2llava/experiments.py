@@ -215,11 +215,11 @@ def experiment_rows(experiments: list[dict[str, Any]], prefix: str = PREFIX) -> 
     return rows
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
     n = len(values)
     mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
     return mean, std
 
 
@@ -251,9 +251,9 @@ def format_table(summary: list[dict[str, Any]], metrics: list[str] = SUMMARY_MET
             elif m in ("train_records",):
                 cells.append(f"{v[0]:.0f}")
             elif m.endswith("seconds"):
-                cells.append(f"{v[0]:.0f} +- {v[1]:.0f}")
+                cells.append(f"{v[0]:.0f}" + ("" if v[1] is None else f" +- {v[1]:.0f}"))
             else:
-                cells.append(f"{v[0]:.3f} +- {v[1]:.3f}")
+                cells.append(f"{v[0]:.3f}" + ("" if v[1] is None else f" +- {v[1]:.3f}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -106,7 +106,7 @@ def test_parse_and_rows():
 
 
 def test_mean_std_and_table():
-    assert mean_std([1.0]) == (1.0, 0.0)
+    assert mean_std([1.0]) == (1.0, None)  # one seed: no spread to report
     m, s = mean_std([0.6, 0.7])
     assert m == pytest.approx(0.65) and s == pytest.approx(0.0707107, abs=1e-6)
     summary = summarize(experiment_rows(parse_exp_show(exp_show_doc(EXPS))))
@@ -114,7 +114,7 @@ def test_mean_std_and_table():
     assert reward["seeds"] == 2 and reward["benchmark_accuracy"][0] == pytest.approx(0.65)
     table = format_table(summary)
     assert "| reward | 0.09 | 2 | 0.650 +- 0.071 |" in table
-    assert "| full | 1.00 | 1 | 0.650 +- 0.000 |" in table
+    assert "| full | 1.00 | 1 | 0.650 |" in table
 
 
 class FakeDvc:
