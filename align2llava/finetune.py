@@ -37,6 +37,8 @@ from pydantic import field_validator
 from .config import Section
 from .errors import Align2LlavaError, DataError
 from .images import load_rgb, resolve_image
+from .modeling import process_state
+from .tracking import peak_rss_mb
 from .records import IMAGE_TOKEN, Problem, strip_image_token, validate_records
 
 log = logging.getLogger(__name__)
@@ -459,14 +461,6 @@ def compute_dtype(name: str = "auto") -> Any:
     return resolve_dtype(name)
 
 
-def process_state() -> Any:
-    """accelerate's view of this process (main or not, under `accelerate launch`)."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
 def cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -474,7 +468,7 @@ def cpu_seconds() -> float:
 
 def peak_memory_mb() -> dict[str, float]:
     """Peak resident memory of this process, and CUDA's max allocated when on a GPU."""
-    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    out = {"peak_rss_mb": peak_rss_mb()}
     try:
         import torch
 

@@ -50,6 +50,15 @@ def resolve_dtype(name: str = "auto") -> Any:
         raise Align2LlavaError(f"unknown dtype '{name}' (auto, float32, bfloat16, float16)") from None
 
 
+def process_state() -> Any:
+    """accelerate's view of this process (main or not); on a machine without CUDA, several
+    processes (torchrun, accelerate launch) form a CPU (gloo) group."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def load_mllm(path: str | Path, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any]:
     """Load (model, processor) from an HF-layout LLaVA folder."""
     from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -98,15 +98,6 @@ def answer_text(question: str, answer: str) -> str:
     return f"Question: {question.strip()}\nAnswer: {answer.strip()}"
 
 
-def process_state() -> Any:
-    """accelerate's process state; on a machine without CUDA, several processes (torchrun,
-    accelerate launch) form a CPU (gloo) group."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
 def precision(name: str = "auto", device: Any = "cpu") -> tuple[Any, Any]:
     """(weight dtype, autocast dtype or None) for a dtype setting.
 

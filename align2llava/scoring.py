@@ -32,7 +32,8 @@ from .config import Section
 from .errors import DataError
 from .records import human_turns, qa_pairs, record_problems
 from .rejects import Rejects
-from .reward import answer_text, load_reward_model, process_state, question_text, score_items
+from .modeling import process_state
+from .reward import answer_text, load_reward_model, question_text, score_items
 
 log = logging.getLogger(__name__)
 
@@ -304,6 +305,17 @@ def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
 QUESTION_DEFECTS = ("generic_question", "unanswerable_question")
 
 
+def read_oracle(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The demo's defect oracle (synthesize's oracle.jsonl): {record id: row with "defects",
+    "turn_defects"}."""
+    oracle: dict[str, dict[str, Any]] = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            o = json.loads(line)
+            oracle[str(o["id"])] = o
+    return oracle
+
+
 def defect_auroc(rows: Sequence[dict[str, Any]], oracle_path: str | Path) -> dict[str, float]:
     """How well scores separate clean records from those with each defect type (demo oracle).
 
@@ -313,11 +325,7 @@ def defect_auroc(rows: Sequence[dict[str, Any]], oracle_path: str | Path) -> dic
     the same per turn with the best candidate's answer score, clean turns of clean records
     against the turns carrying the defect.
     """
-    oracle: dict[str, dict[str, Any]] = {}
-    for n, line in enumerate(Path(oracle_path).read_text(encoding="utf-8").splitlines()):
-        if line.strip():
-            o = json.loads(line)
-            oracle[str(o["id"])] = o
+    oracle = read_oracle(oracle_path)
     types = sorted({t for o in oracle.values() for t in o.get("defects", [])})
     out: dict[str, float] = {}
     scored = [r for r in rows if str(r["id"]) in oracle]

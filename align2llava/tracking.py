@@ -87,9 +87,8 @@ class StageRun:
 
     def log_resources(self) -> None:
         """`run.wall_seconds` (since the run opened) and `run.peak_rss_mb` (this process)."""
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20 if sys.platform == "darwin" else 1 << 10)
         self.log_metrics({"run": {"wall_seconds": round(time.monotonic() - self._start, 1),
-                                  "peak_rss_mb": round(peak, 1)}})
+                                  "peak_rss_mb": peak_rss_mb()}})
 
     def log_metrics(self, metrics: dict[str, Any]) -> None:
         """Final metrics: kept for metrics/<stage>.json; numbers also go to MLflow."""
@@ -120,6 +119,12 @@ class StageRun:
         path = self._metrics_dir / f"{self.stage}.json"
         path.write_text(json.dumps(self.metrics, indent=2, sort_keys=True) + "\n")
         return path
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (ru_maxrss: KB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
 
 
 def _is_number(v: Any) -> bool:

@@ -10,7 +10,6 @@ record (the pipeline never reads it). A record counts once per defect type it ca
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -37,13 +36,10 @@ def main(oracle_file: Path, selected_file: Path) -> None:
     """Print defect rates per type: whole pool vs selected records."""
     with user_errors():
         from align2llava.io import read_records
+        from align2llava.scoring import read_oracle
 
-        oracle = {}
-        for n, line in enumerate(oracle_file.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                row = json.loads(line)
-                oracle[row["id"]] = row.get("defects") or []
-        selected = [r["id"] for r in read_records(selected_file).records]
+        oracle = {i: row.get("defects") or [] for i, row in read_oracle(oracle_file).items()}
+        selected = [str(r["id"]) for r in read_records(selected_file).records]
         unknown = [i for i in selected if i not in oracle]
         if unknown:
             raise click.ClickException(f"{selected_file}: record id {unknown[0]} is not in {oracle_file}")

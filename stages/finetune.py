@@ -14,7 +14,8 @@ import click
 
 from align2llava.clikit import setup_logging, user_errors
 from align2llava.config import PARAMS_FILE, load_base, load_section
-from align2llava.finetune import FinetuneParams, finetune, process_state, write_steps_csv
+from align2llava.finetune import FinetuneParams, finetune, write_steps_csv
+from align2llava.modeling import process_state
 from align2llava.tracking import stage_run
 
 log = logging.getLogger("stages.finetune")

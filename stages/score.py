@@ -16,9 +16,8 @@ import click
 
 from align2llava.clikit import setup_logging, user_errors
 from align2llava.config import load_base, load_section
-from align2llava.scoring import (
-    ScoreParams, defect_auroc, load_pool, process_state, read_scores, score_pool,
-)
+from align2llava.modeling import process_state
+from align2llava.scoring import ScoreParams, defect_auroc, load_pool, read_scores, score_pool
 from align2llava.tracking import stage_run
 
 log = logging.getLogger("score")

@@ -18,7 +18,8 @@ import click
 from align2llava.annotations import read_pairs
 from align2llava.clikit import setup_logging, user_errors
 from align2llava.config import load_base, load_section
-from align2llava.reward import TrainRewardParams, process_state, train_reward_model
+from align2llava.modeling import process_state
+from align2llava.reward import TrainRewardParams, train_reward_model
 from align2llava.tracking import stage_run
 
 log = logging.getLogger("train_reward")
