@@ -353,7 +353,7 @@ def _words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def _asserted_words(text: str) -> set[str]:
+def asserted_words(text: str) -> set[str]:
     """Words of the sentences that assert something (sentences with a negation are skipped)."""
     out: set[str] = set()
     for sent in re.split(r"(?<=[.!?])\s+", text):
@@ -386,7 +386,7 @@ def judge_questions(questions: list[str], t: Truth) -> float:
 
 def judge_answer(turn: Turn, ans: str, t: Truth) -> float:
     """Rubric for one answer: factually right about the image, covers the key fact, helpful."""
-    said = _asserted_words(ans)
+    said = asserted_words(ans)
     words = set(_words(ans))
     if any(e in said for e in ENTITIES):
         return 0.0  # describes something absent as present

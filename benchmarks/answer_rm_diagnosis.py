@@ -3,10 +3,13 @@
     python benchmarks/answer_rm_diagnosis.py                  # demo pairs, answer RM, base
     python benchmarks/answer_rm_diagnosis.py --limit 60       # quicker look
 
-Demo world only (it knows the easy-vqa colour and shape words). Every validation answer pair
-is put in one class: `colour` (chosen and rejected name different colours), `shape`,
-`yes/no` (one says yes, the other no) or `other` (style, omissions, generic answers). For each
-class it prints the pair count and two pairwise accuracies:
+Demo world only (it knows the easy-vqa colour and shape words and reads the image's true
+colour and shape from its pixels). Every validation answer pair is put in one class: `colour`
+(chosen and rejected name different colours, or either asserts a colour the image does not
+have), `shape` (the same for shapes), `yes/no` (one says yes, the other no) or `other`
+(neither side gets the image wrong: style, omissions, generic answers). The first three need
+the image to be told apart. For each class it prints the pair count and two pairwise
+accuracies:
 
 - `answer RM`: the trained answer reward model (what metrics/train_reward.json averages);
 - `base LM`: the base MLLM's own log-likelihood of each answer, up to and including its first
@@ -29,7 +32,7 @@ import click
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from align2llava.clikit import setup_logging, user_errors  # noqa: E402
-from align2llava.synthesis import COLORS, SHAPES  # noqa: E402
+from align2llava.synthesis import COLORS, SHAPES, asserted_words, measure_image  # noqa: E402
 
 WORDS = {"colour": set(COLORS), "shape": set(SHAPES), "yes/no": {"yes", "no"}}
 CLASSES = ("colour", "shape", "yes/no", "other")
@@ -39,11 +42,15 @@ def _words(text: str) -> set[str]:
     return set(re.findall(r"[a-z]+", text.lower()))
 
 
-def conflict(chosen: str, rejected: str) -> str:
+def conflict(chosen: str, rejected: str, shape: str | None = None, colour: str | None = None) -> str:
+    """The pair's class; with the image's true shape and colour, one-sided mistakes count too."""
     a, b = _words(chosen), _words(rejected)
-    for name in ("colour", "shape"):
+    asserted = asserted_words(chosen) | asserted_words(rejected)
+    for name, true in (("colour", colour), ("shape", shape)):
         s = WORDS[name]
         if a & s and b & s and a & s != b & s:
+            return name
+        if true is not None and asserted & s - {true}:
             return name
     if ("yes" in a) != ("yes" in b):
         return "yes/no"
@@ -102,8 +109,9 @@ def main(pairs_file: Path, answer_model: Path, base_model: Path, image_root: Pat
         model.eval()
         rm_hits: dict[str, list[bool]] = defaultdict(list)
         lm_hits: dict[str, list[bool]] = defaultdict(list)
+        truth = {im: measure_image(image_root / im)[:2] for im in sorted({p["image"] for p in val})}
         for i, p in enumerate(val):
-            cls = conflict(p["chosen"], p["rejected"])
+            cls = conflict(p["chosen"], p["rejected"], *truth[p["image"]])
             rm_hits[cls].append(rewards[2 * i] > rewards[2 * i + 1])
             if cls == "other":
                 continue

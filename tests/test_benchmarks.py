@@ -1,0 +1,105 @@
+"""The demo diagnosis scripts in benchmarks/: pair classes, noise ceiling, grounding probe."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from tests.conftest import ROOT
+
+TINY = {"pool_per_task": 8, "annotate_fraction": 0.5, "benchmark_vqa_per_type": 4, "benchmark_pope": 6,
+        "captions": 12}
+
+
+def _tiny_world(tmp_path, monkeypatch, **synthesize):
+    """A tiny demo world and its annotate-import pairs under tmp_path (the working folder)."""
+    from stages.annotate_import import main as annotate_import
+    from stages.synthesize import main as synthesize_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["synthesize"] = {**params["synthesize"], **TINY, **synthesize}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for cmd in (synthesize_main, annotate_import):
+        res = CliRunner().invoke(cmd, [])
+        assert res.exit_code == 0, res.output
+
+
+def _rows(output: str) -> dict[tuple[str, str], list[str]]:
+    return {(r[0], r[1]): r[2:] for r in (line.split() for line in output.splitlines())
+            if len(r) == 7 and r[0] in ("question", "answer")}
+
+
+def test_conflict_classes_use_the_image_truth():
+    from benchmarks.answer_rm_diagnosis import conflict
+
+    right, wrong = "In the image, the circle is red.", "In the image, the circle is blue."
+    vague = "The object has a distinctive appearance."
+    assert conflict(right, wrong) == "colour"
+    # one-sided: only the true colour tells that the rejected answer is wrong
+    assert conflict(vague, wrong) == "other"
+    assert conflict(vague, wrong, shape="circle", colour="red") == "colour"
+    assert conflict(vague, "In the image, there is a red triangle.", shape="circle", colour="red") == "shape"
+    # a negated sentence asserts nothing: "no blue shape" is right about a red circle
+    assert conflict("No, there is no blue shape. It is a red circle.", vague, shape="circle", colour="red") == "other"
+    assert conflict("Yes. It is a red circle.", "No. It is a red circle.", shape="circle", colour="red") == "yes/no"
+
+
+def test_ridge_probe_reads_a_linear_code_and_not_noise():
+    import numpy as np
+
+    from benchmarks.grounding_probe import ridge_accuracy
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 8, 400)
+    x = np.eye(8)[y] @ rng.normal(size=(8, 32)) + 0.1 * rng.normal(size=(400, 32))
+    assert ridge_accuracy(x, y, 8) > 0.95
+    assert ridge_accuracy(rng.normal(size=(400, 32)), y, 8) < 0.3
+
+
+def test_annotation_ceiling_is_exact_without_annotator_noise(tmp_path, monkeypatch):
+    from benchmarks.annotation_ceiling import main
+
+    _tiny_world(tmp_path, monkeypatch, annotator_noise=0.0)
+    res = CliRunner().invoke(main, [])
+    assert res.exit_code == 0, res.output
+    rows = _rows(res.output)
+    assert ("answer", "train") in rows and ("question", "train") in rows
+    for pairs, agree, tie, flipped, ceiling in rows.values():
+        assert agree == pairs and tie == flipped == "0" and ceiling == "1.000"
+
+
+def test_annotation_ceiling_counts_flips_from_noise(tmp_path, monkeypatch):
+    from benchmarks.annotation_ceiling import main
+
+    _tiny_world(tmp_path, monkeypatch, annotator_noise=0.6)
+    res = CliRunner().invoke(main, [])
+    assert res.exit_code == 0, res.output
+    rows = _rows(res.output)
+    for pairs, agree, tie, flipped, ceiling in rows.values():
+        assert int(agree) + int(tie) + int(flipped) == int(pairs)
+        assert float(ceiling) == pytest.approx((int(agree) + int(tie) / 2) / int(pairs), abs=5e-4)
+    assert any(int(r[3]) > 0 for r in rows.values())  # noise reversed some pairs
+    # pairs of another world are refused with a one-line error
+    other = tmp_path / "other.jsonl"
+    line = (tmp_path / "data/annotate_import/pairs.jsonl").read_text().splitlines()[0]
+    other.write_text(line.replace('"chosen": "', '"chosen": "not in this world ') + "\n")
+    res = CliRunner().invoke(main, ["--pairs", str(other)])
+    assert res.exit_code == 1 and "Error:" in res.output and "Traceback" not in res.output
+
+
+def test_grounding_probe_runs_on_a_tiny_model(tmp_path, monkeypatch, tiny_llava):
+    from benchmarks.grounding_probe import main
+
+    _tiny_world(tmp_path, monkeypatch)
+    res = CliRunner().invoke(main, ["--base", str(tiny_llava), "--images", "20", "--layers", "0,2"])
+    assert res.exit_code == 0, res.output
+    rows = [line.split() for line in res.output.splitlines() if re.match(r"\s*\d+\s+\d\.\d\d", line)]
+    assert [r[0] for r in rows] == ["0", "2"]
+    assert all(0.0 <= float(v) <= 1.0 for r in rows for v in r[1:])
+    res = CliRunner().invoke(main, ["--base", str(tiny_llava), "--images", "20", "--layers", "9"])
+    assert res.exit_code != 0 and "--layers" in res.output
