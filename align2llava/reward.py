@@ -74,6 +74,9 @@ class TrainRewardParams(Section):
     # Not in the paper (0 = off): per group, probability of an image-mismatch pair, the group's
     # best candidate over a best candidate written for another image (see mismatch_pairs).
     mismatch_rate: float = Field(0.0, ge=0.0, le=1.0)
+    # Not in the paper (0 = off): image-swap pairs per best candidate, the candidate on its own
+    # image over the same text on another training image (see image_swap_pairs).
+    image_swaps: int = Field(0, ge=0)
     # Validate every N optimizer steps (0: once per epoch) and at the end.
     eval_steps: int = Field(0, ge=0)
     per_device_eval_batch_size: int = Field(32, ge=1)
@@ -451,6 +454,27 @@ def augmentation_pairs(pairs: Sequence[dict[str, Any]], kind: str, rate: float, 
     return out
 
 
+def _group_info(pairs: Sequence[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """Per group, its (image, prompt)."""
+    info: dict[str, tuple[str, str]] = {}
+    for p in pairs:
+        info.setdefault(p["group"], (p["image"], p["prompt"]))
+    return info
+
+
+def _best_candidates(pairs: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
+    """Per group, its candidates that are chosen in some pair and rejected in none."""
+    rejected: dict[str, set[str]] = {}
+    for p in pairs:
+        rejected.setdefault(p["group"], set()).add(p["rejected"])
+    best: dict[str, list[str]] = {}
+    for p in pairs:
+        b = best.setdefault(p["group"], [])
+        if p["chosen"] not in rejected[p["group"]] and p["chosen"] not in b:
+            b.append(p["chosen"])
+    return best
+
+
 def mismatch_pairs(pairs: Sequence[dict[str, Any]], kind: str, rate: float, seed: int) -> list[dict[str, Any]]:
     """(top candidate of a group > a top candidate written for another image) pairs.
 
@@ -462,16 +486,8 @@ def mismatch_pairs(pairs: Sequence[dict[str, Any]], kind: str, rate: float, seed
     if rate <= 0:
         return []
     rng = random.Random(f"{seed}:{kind}:mismatch")
-    best: dict[str, list[str]] = {}
-    info: dict[str, tuple[str, str]] = {}
-    rejected: dict[str, set[str]] = {}
-    for p in pairs:
-        info.setdefault(p["group"], (p["image"], p["prompt"]))
-        rejected.setdefault(p["group"], set()).add(p["rejected"])
-        best.setdefault(p["group"], [])
-    for p in pairs:
-        if p["chosen"] not in rejected[p["group"]] and p["chosen"] not in best[p["group"]]:
-            best[p["group"]].append(p["chosen"])
+    info = _group_info(pairs)
+    best = _best_candidates(pairs)
     groups = sorted(g for g in best if best[g])
     by_prompt: dict[str, list[str]] = {}
     for g in groups:
@@ -489,6 +505,33 @@ def mismatch_pairs(pairs: Sequence[dict[str, Any]], kind: str, rate: float, seed
         if chosen != bad:
             out.append({"group": g, "image": image, "prompt": prompt, "chosen": chosen, "rejected": bad,
                         "augmented": True})
+    return out
+
+
+def image_swap_pairs(pairs: Sequence[dict[str, Any]], kind: str, swaps: int, seed: int) -> list[dict[str, Any]]:
+    """(best candidate on its own image > the same text on another image) pairs, `swaps` per
+    best candidate.
+
+    An extension beyond the paper (off at 0): both sides hold the same text, so only looking
+    at the image can tell them apart; the RM learns image-text agreement from every annotated
+    group, not only from the few pairs whose candidates disagree about what the image shows.
+    The other images are drawn (seeded) from the training pairs' images other than the group's.
+    """
+    if swaps <= 0:
+        return []
+    rng = random.Random(f"{seed}:{kind}:image-swap")
+    info = _group_info(pairs)
+    images = sorted({p["image"] for p in pairs if p.get("image")})
+    out = []
+    for g, texts in sorted(_best_candidates(pairs).items()):
+        image, prompt = info[g]
+        others = [im for im in images if im != image]
+        if not image or not others:
+            continue
+        for text in texts:
+            for other in rng.sample(others, min(swaps, len(others))):
+                out.append({"group": g, "image": image, "prompt": prompt, "chosen": text, "rejected": text,
+                            "rejected_image": other, "augmented": True})
     return out
 
 
@@ -571,7 +614,7 @@ class _PairData:
         for n, p in enumerate(pairs):
             img = p.get("image") or None
             c = self._add(img, pair_text(kind, p["prompt"], p["chosen"]), encoder)
-            r = self._add(img, pair_text(kind, p["prompt"], p["rejected"]), encoder)
+            r = self._add(p.get("rejected_image", img), pair_text(kind, p["prompt"], p["rejected"]), encoder)
             self.pairs.append((c, r))
             self.groups.setdefault(p["group"], []).append(n)
 
@@ -691,6 +734,7 @@ def train_reward_model(
     encoder = Encoder(processor, params.max_length, image_root)
     aug = augmentation_pairs(train, kind, params.corruption_rate, seed)
     aug += mismatch_pairs(train, kind, params.mismatch_rate, seed)
+    aug += image_swap_pairs(train, kind, params.image_swaps, seed)
     train_data = _PairData(kind, list(train) + aug, encoder)
     val_data = _PairData(kind, val, encoder)
     n_train = sum(p.numel() for _, p in trainable_parameters(rm))

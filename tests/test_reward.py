@@ -19,6 +19,7 @@ from align2llava.reward import (
     corrupt,
     last_token_index,
     load_reward_model,
+    image_swap_pairs,
     mismatch_pairs,
     pairwise_accuracy,
     question_text,
@@ -93,6 +94,41 @@ def test_mismatch_pairs_use_best_candidates_of_other_images():
         assert ("Q?" if g_other % 2 else "R?") == m["prompt"]  # same prompt when one exists
     assert out == mismatch_pairs(pairs, "answer", 0.5, seed=0)
     assert mismatch_pairs(pairs, "answer", 0.0, seed=0) == []
+
+
+def test_image_swap_pairs_keep_the_text_and_change_the_image():
+    pairs = []
+    for g in range(12):
+        img = f"img{g % 4}.png"
+        for c, r in ((f"best {g}", f"mid {g}"), (f"best {g}", f"bad {g}"), (f"mid {g}", f"bad {g}")):
+            pairs.append({"group": f"g{g}", "image": img, "prompt": "Q?", "chosen": c, "rejected": r})
+    out = image_swap_pairs(pairs, "answer", 2, seed=0)
+    assert len(out) == 12 * 2  # one best candidate per group, two other images each
+    for m in out:
+        g = int(m["chosen"].split()[1])
+        assert m["chosen"] == m["rejected"] == f"best {g}"
+        assert m["image"] == f"img{g % 4}.png" != m["rejected_image"]
+        assert m["rejected_image"] in {f"img{i}.png" for i in range(4)}
+    assert len({(m["group"], m["rejected_image"]) for m in out}) == len(out)  # no repeated image per text
+    assert out == image_swap_pairs(pairs, "answer", 2, seed=0)
+    assert out != image_swap_pairs(pairs, "answer", 2, seed=1)
+    assert image_swap_pairs(pairs, "answer", 0, seed=0) == []
+
+
+def test_pair_data_encodes_the_rejected_image_of_a_swap_pair():
+    from align2llava.reward import _PairData
+
+    class Enc:
+        def ids(self, text, has_image):
+            return [len(text), int(has_image)]
+
+    pairs = [{"group": "g", "image": "a.png", "prompt": "Q?", "chosen": "t", "rejected": "t", "rejected_image": "b.png"},
+             {"group": "g", "image": "a.png", "prompt": "Q?", "chosen": "t", "rejected": "u"}]
+    data = _PairData("answer", pairs, Enc())
+    (c0, r0), (c1, r1) = data.pairs
+    assert c0 == c1 and data.items[c0][1] == "a.png"
+    assert data.items[r0][1] == "b.png" and data.items[r1][1] == "a.png"
+    assert len(data.items) == 3
 
 
 def test_pairwise_accuracy_and_last_token():
