@@ -8,10 +8,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY_WORLD
 
-TINY = {"pool_per_task": 8, "annotate_fraction": 0.5, "benchmark_vqa_per_type": 4, "benchmark_pope": 6,
-        "captions": 12}
+TINY = TINY_WORLD
 
 
 def _tiny_world(tmp_path, monkeypatch, **synthesize):

@@ -29,10 +29,9 @@ from align2llava.synthesis import (
     measure_image,
     measured_rates,
 )
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY_WORLD
 
-TINY = {"pool_per_task": 8, "annotate_fraction": 0.5, "benchmark_vqa_per_type": 4, "benchmark_pope": 6,
-        "captions": 12}
+TINY = TINY_WORLD
 
 
 def _params_file(tmp_path: Path, **section) -> Path:
