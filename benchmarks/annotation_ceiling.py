@@ -34,6 +34,8 @@ def main(params_file: Path, pairs_file: Path) -> None:
         from align2llava import synthesis
         from align2llava.annotations import read_pairs
         from align2llava.config import load_base, load_section
+        from align2llava.records import strip_image_token
+        from align2llava.reward import question_text
 
         base = load_base(params_file)
         params = load_section("synthesize", synthesis.SynthesizeParams, params_file)
@@ -45,7 +47,7 @@ def main(params_file: Path, pairs_file: Path) -> None:
             return s
 
         def questions(qs, t):  # noqa: ANN001
-            text = "\n".join(q.replace("<image>", "").strip() for q in qs)
+            text = question_text([strip_image_token(q) for q in qs])  # as annotate-import writes it
             rubric[("question", t.image, "", text)] = s = judge_questions(qs, t)
             return s
 

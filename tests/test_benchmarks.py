@@ -10,8 +10,6 @@ from click.testing import CliRunner
 
 from tests.conftest import ROOT, TINY_WORLD
 
-TINY = TINY_WORLD
-
 
 def _tiny_world(tmp_path, monkeypatch, **synthesize):
     """A tiny demo world and its annotate-import pairs under tmp_path (the working folder)."""
@@ -21,7 +19,7 @@ def _tiny_world(tmp_path, monkeypatch, **synthesize):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["synthesize"] = {**params["synthesize"], **TINY, **synthesize}
+    params["synthesize"] = {**params["synthesize"], **TINY_WORLD, **synthesize}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for cmd in (synthesize_main, annotate_import):
         res = CliRunner().invoke(cmd, [])

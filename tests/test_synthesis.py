@@ -31,8 +31,6 @@ from align2llava.synthesis import (
 )
 from tests.conftest import ROOT, TINY_WORLD
 
-TINY = TINY_WORLD
-
 
 def _params_file(tmp_path: Path, **section) -> Path:
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -45,7 +43,7 @@ def _params_file(tmp_path: Path, **section) -> Path:
 def _run(tmp_path: Path, out: Path, **section):
     from stages.synthesize import main
 
-    params = _params_file(tmp_path, **{**TINY, **section})
+    params = _params_file(tmp_path, **{**TINY_WORLD, **section})
     return CliRunner().invoke(main, ["--params", str(params), "--out", str(out),
                                      "--metrics-dir", str(tmp_path / "metrics")])
 
@@ -78,7 +76,7 @@ def test_pool_is_valid_llava_with_tasks(world):
     out = world / "a"
     pool = read_records_strict(out / "pool.json")
     assert validate_records(pool, "pool.json", image_root=out / "images") == []
-    assert Counter(r["task"] for r in pool) == {t: TINY["pool_per_task"] for t in TASKS}
+    assert Counter(r["task"] for r in pool) == {t: TINY_WORLD["pool_per_task"] for t in TASKS}
     for r in pool:
         assert r["id"] == f"evqa-{int(r['image'].split('/')[1][:-4]):06d}-{r['task']}"
         assert r["image"].startswith("train/")
@@ -94,11 +92,11 @@ def test_pool_is_valid_llava_with_tasks(world):
 
 def test_metrics_keys(world):
     m = json.loads((world / "metrics" / "synthesize.json").read_text())
-    assert m["pool"]["total"] == 3 * TINY["pool_per_task"]
+    assert m["pool"]["total"] == 3 * TINY_WORLD["pool_per_task"]
     assert set(m["defect_rate"]) == set(DEFECTS)
     for key in ("groups", "candidates", "strict_pairs", "tie_rate"):
         assert key in m["annotations"]
-    assert m["benchmark"]["pope"] == TINY["benchmark_pope"]
+    assert m["benchmark"]["pope"] == TINY_WORLD["benchmark_pope"]
     assert 0 <= m["truth_pixel_qa_disagreements"] <= 2  # a few tiny shapes fool the fill ratio
 
 
@@ -108,7 +106,7 @@ def test_annotation_files_in_released_format(world):
     questions = json.loads((out / "annotations" / "question.json").read_text())
     answers = json.loads((out / "annotations" / "answer.json").read_text())
     ls = json.loads((out / "annotations" / "labelstudio.json").read_text())
-    assert len(questions) == len(answers) == round(0.5 * TINY["pool_per_task"]) * 3
+    assert len(questions) == len(answers) == round(0.5 * TINY_WORLD["pool_per_task"]) * 3
     ls_by_group = {t["data"]["group"]: t for t in ls}
     for q in questions:
         assert set(q) == {"id", "image", "questions", "score"}
@@ -161,7 +159,7 @@ def test_benchmark_and_captions(world):
             asked = next(w for w in r["question"].lower().rstrip("?").split() if w in SHAPES + COLORS)
             assert (r["answer"] == "yes") == (asked in (shape, color))
     caps = read_jsonl_strict(out / "captions.jsonl")
-    assert len(caps) == TINY["captions"]
+    assert len(caps) == TINY_WORLD["captions"]
     for c in caps:
         shape, color, _, _ = measure_image(out / "images" / c["image"])
         assert f"{color} {shape}" in c["caption"]
@@ -216,7 +214,7 @@ def test_bad_source_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
     from stages.synthesize import main
 
-    params = _params_file(tmp_path, **TINY)
+    params = _params_file(tmp_path, **TINY_WORLD)
     (tmp_path / "src" / "train").mkdir(parents=True)
     res = CliRunner().invoke(main, ["--params", str(params), "--out", str(tmp_path / "o"),
                                     "--source", str(tmp_path / "src")])
