@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import ConfigError
+from align2llava.errors import ConfigError
 
 PARAMS_FILE = "params.yaml"
 

@@ -20,7 +20,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from align2llava.clikit import setup_logging, user_errors  # noqa: E402
+from align2llava.ops.clikit import setup_logging, user_errors
 
 
 @click.command()
@@ -31,32 +31,34 @@ def main(params_file: Path, pairs_file: Path) -> None:
     """Print the rubric's agreement with the annotated pairs (the noise ceiling)."""
     setup_logging()
     with user_errors():
-        from align2llava import synthesis
-        from align2llava.annotations import read_pairs
         from align2llava.config import load_base, load_section
-        from align2llava.records import strip_image_token
-        from align2llava.reward import question_text
+        from align2llava.data.records import strip_image_token
+        from align2llava.demo.synthesis import annotator
+        from align2llava.demo.synthesis.params import SynthesizeParams
+        from align2llava.demo.synthesis.synthesize import synthesize
+        from align2llava.models.reward_model import question_text
+        from align2llava.steps.annotations.importer import read_pairs
 
         base = load_base(params_file)
-        params = load_section("synthesize", synthesis.SynthesizeParams, params_file)
+        params = load_section("synthesize", SynthesizeParams, params_file)
         rubric: dict[tuple[str, str, str, str], float] = {}
-        judge_answer, judge_questions = synthesis.judge_answer, synthesis.judge_questions
+        judge_answer, judge_questions = annotator.judge_answer, annotator.judge_questions
 
-        def answer(turn, ans, t):  # noqa: ANN001 - same signature as synthesis.judge_answer
+        def answer(turn, ans, t):
             rubric[("answer", t.image, turn.question, ans)] = s = judge_answer(turn, ans, t)
             return s
 
-        def questions(qs, t):  # noqa: ANN001
+        def questions(qs, t):
             text = question_text([strip_image_token(q) for q in qs])  # as annotate-import writes it
             rubric[("question", t.image, "", text)] = s = judge_questions(qs, t)
             return s
 
-        synthesis.judge_answer, synthesis.judge_questions = answer, questions
+        annotator.judge_answer, annotator.judge_questions = answer, questions
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                synthesis.synthesize(params, base.seed, tmp)
+                synthesize(params, base.seed, tmp)
         finally:
-            synthesis.judge_answer, synthesis.judge_questions = judge_answer, judge_questions
+            annotator.judge_answer, annotator.judge_questions = judge_answer, judge_questions
         pairs = read_pairs(pairs_file)
 
     click.echo(f"{'kind':<9} {'split':<6} {'pairs':>6} {'agree':>6} {'tie':>5} {'flipped':>8} {'ceiling':>8}")

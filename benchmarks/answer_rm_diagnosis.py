@@ -31,8 +31,9 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from align2llava.clikit import setup_logging, user_errors  # noqa: E402
-from align2llava.synthesis import COLORS, SHAPES, asserted_words, measure_image  # noqa: E402
+from align2llava.demo.synthesis.world import COLORS, SHAPES, measure_image
+from align2llava.demo.synthesis.writer import asserted_words
+from align2llava.ops.clikit import setup_logging, user_errors
 
 WORDS = {"colour": set(COLORS), "shape": set(SHAPES), "yes/no": {"yes", "no"}}
 CLASSES = ("colour", "shape", "yes/no", "other")
@@ -62,7 +63,7 @@ def _prefix_to_conflict(text: str, other: str, cls: str) -> str | None:
     own = (_words(text) & WORDS[cls]) - _words(other)
     if not own:
         return None
-    m = re.search(r"\b(" + "|".join(sorted(own)) + r")\b", text, re.I)
+    m = re.search(r"\b(" + "|".join(sorted(own)) + r")\b", text, re.IGNORECASE)
     return text[: m.end()] if m else None
 
 
@@ -70,7 +71,7 @@ def base_loglik(model: Any, processor: Any, image: Any, question: str, answer: s
     """Sum of log p(answer tokens | image, question) under the base MLLM's chat template."""
     import torch
 
-    from align2llava.finetune import prompt_messages, render
+    from align2llava.models.chat import prompt_messages, render
 
     prompt = render(processor, prompt_messages(question), generation_prompt=True)
     n = processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"].shape[1]
@@ -90,9 +91,9 @@ def main(pairs_file: Path, answer_model: Path, base_model: Path, image_root: Pat
     """Print answer-RM and base-LM pairwise accuracy per kind of conflict."""
     setup_logging()
     with user_errors():
-        from align2llava.images import load_rgb
-        from align2llava.modeling import load_mllm
-        from align2llava.reward import Encoder, load_reward_model, pair_text, score_items
+        from align2llava.data.images import load_rgb
+        from align2llava.models.loading import load_mllm
+        from align2llava.models.reward_model import Encoder, load_reward_model, pair_text, score_items
 
         pairs = [json.loads(line) for line in pairs_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         val = [p for p in pairs if p["kind"] == "answer" and p["split"] == "val"][:limit]

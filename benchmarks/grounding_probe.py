@@ -22,7 +22,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from align2llava.clikit import setup_logging, user_errors  # noqa: E402
+from align2llava.ops.clikit import setup_logging, user_errors
 
 TEXT = "Question: What is shown in the image?\nAnswer: The image shows"
 
@@ -51,9 +51,9 @@ def main(base_model: Path, pool_file: Path, image_root: Path, n_images: int, lay
         import numpy as np
         import torch
 
-        from align2llava.modeling import load_mllm
-        from align2llava.reward import Encoder
-        from align2llava.synthesis import COLORS, SHAPES, measure_image
+        from align2llava.demo.synthesis.world import COLORS, SHAPES, measure_image
+        from align2llava.models.loading import load_mllm
+        from align2llava.models.reward_model import Encoder
 
         images = sorted({r["image"] for r in json.loads(pool_file.read_text(encoding="utf-8")) if r.get("image")})
         images = images[:n_images]

@@ -22,14 +22,15 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from align2llava.clikit import setup_logging, user_errors  # noqa: E402
+from align2llava.ops.clikit import setup_logging, user_errors
 
 
 def _tiny_setup(tmp: Path) -> tuple[Path, Path, Path, list[dict]]:
     import torch
 
-    from align2llava.modeling import build_tiny_llava
-    from align2llava.reward import TrainRewardParams, build_reward_model, save_reward_model
+    from align2llava.models.build import build_tiny_llava
+    from align2llava.models.reward_model import save_reward_model
+    from align2llava.steps.reward_training.train import TrainRewardParams, build_reward_model
     from tests.conftest import llava_record, make_image
 
     base = build_tiny_llava(tmp / "base")
@@ -41,7 +42,7 @@ def _tiny_setup(tmp: Path) -> tuple[Path, Path, Path, list[dict]]:
         save_reward_model(rm, tmp / kind, kind=kind, backbone=str(base), max_length=96)
     root = tmp / "images"
     make_image(root / "a.png")
-    words = "the red circle sits near the top left corner of the light image".split()
+    words = ["the", "red", "circle", "sits", "near", "the", "top", "left", "corner", "of", "the", "light", "image"]
     recs = [llava_record(f"r{i}", "a.png", turns=[("What is shown?", " ".join(words[: 3 + i % 10]))] * (1 + i % 3))
             for i in range(64)]
     return tmp / "question", tmp / "answer", root, recs
@@ -59,7 +60,7 @@ def main(params_file: Path, n: int, batch_size: int | None, tiny: bool) -> None:
         import torch
 
         from align2llava.config import load_base, load_section
-        from align2llava.scoring import ScoreParams, load_pool, load_reward_models, score_records
+        from align2llava.steps.scoring import ScoreParams, load_pool, load_reward_models, score_records
 
         tmp = tempfile.TemporaryDirectory()
         if tiny:
@@ -95,7 +96,7 @@ def main(params_file: Path, n: int, batch_size: int | None, tiny: bool) -> None:
 
 
 def _turns(rec: dict) -> list:
-    from align2llava.scoring import record_items
+    from align2llava.steps.scoring import record_items
 
     return record_items(rec)[1]
 

@@ -18,7 +18,7 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from align2llava.clikit import user_errors  # noqa: E402
+from align2llava.ops.clikit import user_errors
 
 
 def defect_rates(ids: list[str], oracle: dict[str, list[str]]) -> dict[str, float]:
@@ -35,8 +35,8 @@ def defect_rates(ids: list[str], oracle: dict[str, list[str]]) -> dict[str, floa
 def main(oracle_file: Path, selected_file: Path) -> None:
     """Print defect rates per type: whole pool vs selected records."""
     with user_errors():
-        from align2llava.io import read_records
-        from align2llava.scoring import read_oracle
+        from align2llava.data.io import read_records
+        from align2llava.demo.diagnostics import read_oracle
 
         oracle = {i: row.get("defects") or [] for i, row in read_oracle(oracle_file).items()}
         selected = [str(r["id"]) for r in read_records(selected_file).records]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import click
 
-from align2llava.annotations import AnnotateImportParams, import_annotations
-from align2llava.clikit import setup_logging, user_errors
 from align2llava.config import load_base, load_section
-from align2llava.tracking import stage_run
+from align2llava.ops.clikit import setup_logging, user_errors
+from align2llava.ops.tracking import stage_run
+from align2llava.steps.annotations.importer import AnnotateImportParams, import_annotations
 
 log = logging.getLogger("annotate_import")
 OUT_DIR = Path("data/annotate_import")

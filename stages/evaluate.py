@@ -8,12 +8,12 @@ from pathlib import Path
 
 import click
 
-from align2llava.clikit import setup_logging, user_errors
 from align2llava.config import PARAMS_FILE, load_base, load_section
-from align2llava.evaluation import EvaluateParams, evaluate
-from align2llava.io import write_jsonl
-from align2llava.rejects import Rejects
-from align2llava.tracking import stage_run
+from align2llava.data.io import write_jsonl
+from align2llava.data.rejects import Rejects
+from align2llava.ops.clikit import setup_logging, user_errors
+from align2llava.ops.tracking import stage_run
+from align2llava.steps.evaluation.evaluation import EvaluateParams, evaluate
 
 log = logging.getLogger("stages.evaluate")
 

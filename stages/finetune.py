@@ -12,11 +12,11 @@ from pathlib import Path
 
 import click
 
-from align2llava.clikit import setup_logging, user_errors
 from align2llava.config import PARAMS_FILE, load_base, load_section
-from align2llava.finetune import FinetuneParams, finetune, write_steps_csv
-from align2llava.modeling import process_state
-from align2llava.tracking import stage_run
+from align2llava.models.runtime import process_state
+from align2llava.ops.clikit import setup_logging, user_errors
+from align2llava.ops.tracking import stage_run
+from align2llava.steps.finetune.train import FinetuneParams, finetune, write_steps_csv
 
 log = logging.getLogger("stages.finetune")
 

@@ -1,7 +1,7 @@
 """Stage `pretrain`: the demo's base MLLM (LLaVA stage 1), or a user's checkpoint passed through.
 
 Writes models/pretrain/ in Hugging Face layout (config.json, model.safetensors, processor,
-tokenizer, chat template), loadable with align2llava.modeling.load_mllm.
+tokenizer, chat template), loadable with align2llava.models.loading.load_mllm.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import click
 
-from align2llava.clikit import setup_logging, user_errors
 from align2llava.config import PARAMS_FILE, load_base, load_section
-from align2llava.pretrain import PretrainParams, pretrain
-from align2llava.tracking import repo_root, stage_run
+from align2llava.demo.pretrain.pretrain import PretrainParams, pretrain
+from align2llava.ops.clikit import setup_logging, user_errors
+from align2llava.ops.tracking import repo_root, stage_run
 
 log = logging.getLogger("stages.pretrain")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from align2llava.clikit import setup_logging, user_errors
+from align2llava.ops.clikit import setup_logging, user_errors
 
 log = logging.getLogger("stages.restyle")
 
@@ -27,8 +27,9 @@ def main(params_file: Path, selected: Path, out_dir: Path, metrics_dir: Path, ve
     setup_logging(verbose)
     with user_errors():
         from align2llava.config import load_base, load_section
-        from align2llava.restyle import RestyleParams, prompt_texts, run_restyle
-        from align2llava.tracking import stage_run
+        from align2llava.ops.tracking import stage_run
+        from align2llava.steps.restyle.llm import prompt_texts
+        from align2llava.steps.restyle.restyle import RestyleParams, run_restyle
 
         base = load_base(params_file)
         params = load_section("restyle", RestyleParams, params_file)

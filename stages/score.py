@@ -14,11 +14,12 @@ from pathlib import Path
 
 import click
 
-from align2llava.clikit import setup_logging, user_errors
 from align2llava.config import load_base, load_section
-from align2llava.modeling import process_state
-from align2llava.scoring import ScoreParams, defect_auroc, load_pool, read_scores, score_pool
-from align2llava.tracking import stage_run
+from align2llava.demo.diagnostics import defect_auroc
+from align2llava.models.runtime import process_state
+from align2llava.ops.clikit import setup_logging, user_errors
+from align2llava.ops.tracking import stage_run
+from align2llava.steps.scoring import ScoreParams, load_pool, read_scores, score_pool
 
 log = logging.getLogger("score")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from align2llava.clikit import setup_logging, user_errors
+from align2llava.ops.clikit import setup_logging, user_errors
 
 log = logging.getLogger("stages.select")
 
@@ -29,8 +29,8 @@ def main(params_file: Path, scores: Path, out_dir: Path, plots_dir: Path, metric
     setup_logging(verbose)
     with user_errors():
         from align2llava.config import load_base, load_section
-        from align2llava.selection import SelectParams, run_select
-        from align2llava.tracking import stage_run
+        from align2llava.ops.tracking import stage_run
+        from align2llava.steps.selection import SelectParams, run_select
 
         base = load_base(params_file)
         params = load_section("select", SelectParams, params_file)

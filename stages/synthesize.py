@@ -1,7 +1,7 @@
 """Stage `synthesize`: the demo world from the easy-vqa package.
 
 Writes data/synthesize/: images/, pool.json, oracle.jsonl, captions.jsonl, annotations/
-(simulated) and benchmark/. See align2llava/synthesis.py for what each holds.
+(simulated) and benchmark/. See align2llava/demo/synthesis/synthesize.py for what each holds.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from pathlib import Path
 
 import click
 
-from align2llava.clikit import setup_logging, user_errors
 from align2llava.config import PARAMS_FILE, load_base, load_section
-from align2llava.synthesis import SynthesizeParams, synthesize
-from align2llava.tracking import stage_run
+from align2llava.demo.synthesis.params import SynthesizeParams
+from align2llava.demo.synthesis.synthesize import synthesize
+from align2llava.ops.clikit import setup_logging, user_errors
+from align2llava.ops.tracking import stage_run
 
 log = logging.getLogger("stages.synthesize")
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import click
 
-from align2llava.annotations import read_pairs
-from align2llava.clikit import setup_logging, user_errors
 from align2llava.config import load_base, load_section
-from align2llava.modeling import process_state
-from align2llava.reward import TrainRewardParams, train_reward_model
-from align2llava.tracking import stage_run
+from align2llava.models.runtime import process_state
+from align2llava.ops.clikit import setup_logging, user_errors
+from align2llava.ops.tracking import stage_run
+from align2llava.steps.annotations.importer import read_pairs
+from align2llava.steps.reward_training.train import TrainRewardParams, train_reward_model
 
 log = logging.getLogger("train_reward")
 

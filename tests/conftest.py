@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -38,7 +37,7 @@ def _isolated_env(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> Path:
     """A random-weight LLaVA folder (HF layout): 2-layer Llama + 2-layer CLIP, 32x32 images."""
-    from align2llava.modeling import build_tiny_llava
+    from align2llava.models.build import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava") / "model", seed=0)
 

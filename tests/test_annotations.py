@@ -5,20 +5,14 @@ from __future__ import annotations
 import csv
 import json
 import random
-from itertools import combinations
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
-from align2llava.annotations import (
-    Group,
-    import_annotations,
-    read_pairs,
-    split_images,
-    strict_pairs,
-)
 from align2llava.errors import DataError, RejectBudgetExceeded
+from align2llava.steps.annotations.importer import import_annotations, read_pairs, split_images, strict_pairs
+from align2llava.steps.annotations.readers import Group
 from tests.conftest import make_image
 
 
@@ -270,7 +264,7 @@ def test_stage_writes_pairs_and_metrics(tmp_path, monkeypatch):
 
 
 def test_cli_import_annotations(tmp_path, image_root):
-    from align2llava.cli import main
+    from align2llava.ops.cli import main
 
     tasks = [ls_task(1, "g1", "answer", ["Red.", "Blue."], [ratings(5, 2)])]
     write(tmp_path / "ls.json", tasks)

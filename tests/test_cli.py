@@ -7,7 +7,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from align2llava.cli import main
+from align2llava.ops.cli import main
 from tests.conftest import llava_record
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from align2llava.config import BaseParams, Section, load_section
 from align2llava.errors import ConfigError
-from align2llava.tracking import repo_root, stage_run
+from align2llava.ops.tracking import repo_root, stage_run
 
 
 class Demo(Section):

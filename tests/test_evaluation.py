@@ -12,7 +12,7 @@ import yaml
 from click.testing import CliRunner
 
 from align2llava.errors import DataError, RejectBudgetExceeded
-from align2llava.evaluation import (
+from align2llava.steps.evaluation.evaluation import (
     Item,
     benchmark_metrics,
     extract_answer,
@@ -124,7 +124,7 @@ def test_eval_file_rejects_against_budget(tmp_path, image_root):
 
 @pytest.fixture(scope="module")
 def mllm(tiny_llava):
-    from align2llava.modeling import load_mllm
+    from align2llava.models.loading import load_mllm
 
     return load_mllm(tiny_llava)
 

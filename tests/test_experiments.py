@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from align2llava.errors import Align2LlavaError
-from align2llava.experiments import (
+from align2llava.ops.experiments import (
     COLUMNS,
     RunSpec,
     compression,
@@ -178,7 +178,7 @@ def test_collect_only_runs_nothing_and_fails_clearly_without_results(tmp_path):
 
 
 def test_cli_dry_run_prints_queue_commands():
-    from align2llava.cli import main
+    from align2llava.ops.cli import main
 
     res = CliRunner().invoke(main, ["compression", "--dry-run", "--ratios", "0.09", "--seeds", "0,1", "--methods", "reward,full"])
     assert res.exit_code == 0, res.output

@@ -13,19 +13,15 @@ import yaml
 from click.testing import CliRunner
 
 from align2llava.errors import Align2LlavaError, DataError
-from align2llava.finetune import (
-    IGNORE_INDEX,
+from align2llava.models.chat import image_token_count
+from align2llava.models.lora import target_regex
+from align2llava.steps.finetune.data import IGNORE_INDEX, InstructionDataset, collate, encode_record, prepare_examples
+from align2llava.steps.finetune.train import (
     FinetuneParams,
-    InstructionDataset,
     answer_loss,
-    collate,
-    encode_record,
     finetune,
-    image_token_count,
     last_checkpoint,
     prepare_checkpoint_dir,
-    prepare_examples,
-    target_regex,
 )
 from tests.conftest import llava_record
 
@@ -34,7 +30,7 @@ TURNS = [("What color is the shape?", "It is red."), ("Is there a shape?", "Yes.
 
 @pytest.fixture(scope="module")
 def mllm(tiny_llava):
-    from align2llava.modeling import load_mllm
+    from align2llava.models.loading import load_mllm
 
     return load_mllm(tiny_llava)
 
@@ -161,7 +157,7 @@ def _state(path):
 def test_finetune_trains_changes_params_and_reloads(mode, tiny_llava, train_data, image_root, tmp_path):
     import torch
 
-    from align2llava.modeling import load_mllm
+    from align2llava.models.loading import load_mllm
 
     out = tmp_path / "model"
     result = finetune(

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from align2llava.data.io import read_records, write_records
 from align2llava.errors import DataError
-from align2llava.io import read_records, write_records
 from tests.conftest import llava_record
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-import json
 import os
 import shutil
 import subprocess
@@ -20,8 +19,6 @@ from tests.conftest import ROOT
 _dvc = Path(sys.executable).parent / "dvc"
 DVC = _dvc if _dvc.exists() else None
 REQUIRED = ["annotate-import", "train-reward", "score", "select", "restyle", "finetune", "evaluate"]
-# Infrastructure every stage uses; not required in each stage's deps.
-INFRA = {"config", "tracking", "clikit", "errors", "records", "images", "io", "rejects"}
 
 
 def pipeline():
@@ -34,6 +31,34 @@ def params():
 
 def module_of(name: str) -> str:
     return "stages." + name.replace("-", "_")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The align2llava module files `path` imports, directly or through other modules (imports
+    inside functions included)."""
+    seen: set[str] = set()
+    todo = [path]
+    while todo:
+        tree = ast.parse(todo.pop().read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("align2llava"):
+                assert node.level == 0, f"{path}: relative import of {node.module}"
+                base = node.module.replace(".", "/")
+                candidates = [f"{base}.py"] + [f"{base}/{a.name}.py" for a in node.names]
+                for rel in candidates:
+                    if (ROOT / rel).is_file() and rel not in seen:
+                        seen.add(rel)
+                        todo.append(ROOT / rel)
+    return seen
+
+
+def test_package_inits_hold_no_code():
+    """Importing a module runs its packages' __init__.py: they hold only a docstring (and the
+    version), so the deps of a stage are exactly the module files it imports."""
+    for init in (ROOT / "align2llava").rglob("__init__.py"):
+        body = ast.parse(init.read_text()).body
+        kinds = [type(n).__name__ for n in body]
+        assert kinds in (["Expr"], ["Expr", "Assign"]), f"{init}: {kinds}"
 
 
 def test_all_method_stages_are_declared():
@@ -49,14 +74,11 @@ def test_stage_is_consistent(name):
     assert script.exists()
     deps = set(stage.get("deps", []))
     assert str(script.relative_to(ROOT)) in deps
-    # Every library module the stage script imports (beyond infrastructure) is a dep.
-    tree = ast.parse(script.read_text())
-    used = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("align2llava."):
-            used.add(node.module.split(".")[1])
-    for lib in used - INFRA:
-        assert f"align2llava/{lib}.py" in deps, f"{name}: align2llava/{lib}.py missing from deps"
+    # The library modules the stage imports, transitively, are exactly its library deps.
+    used = imported_modules(script)
+    listed = {d for d in deps if d.startswith("align2llava/")}
+    assert used - listed == set(), f"{name}: missing from deps: {sorted(used - listed)}"
+    assert listed - used == set(), f"{name}: deps it does not import: {sorted(listed - used)}"
     # Params: `base` plus its own section, all present in params.yaml.
     sections = [p if isinstance(p, str) else next(iter(p)) for p in stage.get("params", [])]
     assert "base" in sections and name.replace("-", "_") in sections

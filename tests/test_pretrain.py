@@ -65,7 +65,7 @@ def trained(tiny_llava, captions, tmp_path_factory):
 
 
 def test_saved_in_hf_layout_and_reloads(trained):
-    from align2llava.modeling import load_mllm
+    from align2llava.models.loading import load_mllm
 
     out = trained / "model"
     for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json"):
@@ -105,8 +105,10 @@ def test_llm_frozen_vision_and_projector_trained(trained, tiny_llava):
 def test_prefix_cache_gives_the_same_loss(tiny_llava, captions):
     import torch
 
-    from align2llava.modeling import load_mllm
-    from align2llava.pretrain import caption_loss, collate, encode, pixel_batch, prefix_cache, prompt_text, read_captions
+    from align2llava.demo.pretrain.align import caption_loss, collate, encode, prefix_cache, prompt_text
+    from align2llava.demo.pretrain.pretrain import read_captions
+    from align2llava.demo.pretrain.warmup import pixel_batch
+    from align2llava.models.loading import load_mllm
 
     model, processor = load_mllm(tiny_llava)
     tok = processor.tokenizer
@@ -124,7 +126,7 @@ def test_prefix_cache_gives_the_same_loss(tiny_llava, captions):
 
 
 def test_word_accuracy():
-    from align2llava.pretrain import word_accuracy
+    from align2llava.demo.pretrain.align import word_accuracy
 
     groups = {"shape": ["circle", "triangle"], "color": ["red", "blue"]}
     acc = word_accuracy(["A red circle.", "A blue circle.", "nothing"],
@@ -133,7 +135,7 @@ def test_word_accuracy():
 
 
 def test_checkpoint_passes_through(tiny_llava, captions, tmp_path, monkeypatch):
-    from align2llava.modeling import load_mllm
+    from align2llava.models.loading import load_mllm
 
     monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
     res = _invoke(tmp_path, captions, checkpoint=str(tiny_llava))

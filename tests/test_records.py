@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from align2llava.data.images import load_rgb, resolve_image
+from align2llava.data.records import validate_records
 from align2llava.errors import DataError
-from align2llava.images import load_rgb, resolve_image
-from align2llava.records import validate_records
 from tests.conftest import llava_record, make_image
 
 

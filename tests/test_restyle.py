@@ -10,15 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from align2llava.restyle import (
-    InnerLLM,
-    ResponseCache,
-    RestyleParams,
-    check_content,
-    clean_rewrite,
-    collect_turns,
-    restyle,
-)
+from align2llava.steps.restyle.content import check_content, clean_rewrite
+from align2llava.steps.restyle.llm import InnerLLM, ResponseCache
+from align2llava.steps.restyle.restyle import RestyleParams, collect_turns, restyle
 from tests.conftest import llava_record
 
 # ------------------------------------------------------------------------------ content check
@@ -73,7 +67,7 @@ def test_check_details():
 
 
 def test_repetitive_flags_loops_not_the_original_own_repeats():
-    from align2llava.restyle import repetitive
+    from align2llava.steps.restyle.content import repetitive
 
     orig = "The circle sits in the upper left corner. It is small."
     assert repetitive(orig, "The circle sits in the upper left corner. The circle sits in the upper left corner.")
@@ -110,7 +104,7 @@ class FakeLLM:
             answer = p.rsplit("Answer: ", 1)[1].split("<assistant>")[0]
             prefix = p.rsplit("<assistant>", 1)[1]
             text, finished = self.table[answer]
-            out.append({"text": text[len(prefix):] if text.startswith(prefix) else text,
+            out.append({"text": text.removeprefix(prefix),
                         "finished": finished, "tokens": len(text.split())})
         return out
 
@@ -312,7 +306,7 @@ def test_stage_cli_bad_selection_is_one_line_error(tmp_path):
 
 
 def test_docs_show_the_prompts_in_use():
-    from align2llava import restyle as r
+    from align2llava.steps.restyle import llm as r
 
     doc = (Path(__file__).resolve().parents[1] / "docs" / "restyle.md").read_text()
     flat = " ".join(doc.split())

@@ -10,23 +10,21 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from align2llava.reward import (
+from align2llava.models.reward_model import (
     Encoder,
-    TrainRewardParams,
     answer_text,
-    augmentation_pairs,
-    build_reward_model,
-    corrupt,
-    image_swap_pairs,
     last_token_index,
     load_reward_model,
-    mismatch_pairs,
-    pairwise_accuracy,
     question_text,
     score_items,
+)
+from align2llava.steps.reward_training.pairs import augmentation_pairs, corrupt, image_swap_pairs, mismatch_pairs
+from align2llava.steps.reward_training.train import (
+    TrainRewardParams,
+    build_reward_model,
+    pairwise_accuracy,
     train_reward_model,
 )
-from tests.conftest import make_image
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -116,7 +114,7 @@ def test_image_swap_pairs_keep_the_text_and_change_the_image():
 
 
 def test_pair_data_encodes_the_rejected_image_of_a_swap_pair():
-    from align2llava.reward import _PairData
+    from align2llava.steps.reward_training.train import _PairData
 
     class Enc:
         def ids(self, text, has_image):
@@ -140,7 +138,7 @@ def test_pairwise_accuracy_and_last_token():
 
 
 def test_encoder_expands_image_and_truncates(tiny_llava, image_root):
-    from align2llava.modeling import load_mllm
+    from align2llava.models.loading import load_mllm
 
     _, proc = load_mllm(tiny_llava, dtype="float32")
     enc = Encoder(proc, 40, image_root)
@@ -179,7 +177,7 @@ def _pairs(n_groups=24, val_every=4):
 def test_prefix_cache_gives_the_same_rewards(dtype, tiny_llava, image_root):
     import torch
 
-    from align2llava.reward import _PairData, _cache_prefix, _rewards_of
+    from align2llava.steps.reward_training.train import _cache_prefix, _PairData, _rewards_of
 
     params = TrainRewardParams(**{**TINY, "dtype": dtype}, layers_to_transform=[-1], train_projector=False)
     rm, proc = build_reward_model(tiny_llava, params)
@@ -271,6 +269,6 @@ def test_stage_trains_both_models(tiny_llava, image_root, tmp_path, monkeypatch)
 
 
 def test_cpu_devices_of_accelerate_processes_count_as_cpu():
-    from align2llava.reward import _is_cpu
+    from align2llava.models.precision import _is_cpu
 
     assert _is_cpu("cpu") and _is_cpu("cpu:1") and not _is_cpu("cuda:0")

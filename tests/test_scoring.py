@@ -11,11 +11,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from align2llava.records import IMAGE_TOKEN
-from align2llava.scoring import (
+from align2llava.data.records import IMAGE_TOKEN
+from align2llava.demo.diagnostics import auroc, defect_auroc
+from align2llava.steps.scoring import (
     ScoreParams,
-    auroc,
-    defect_auroc,
     load_pool,
     load_reward_models,
     read_scores,
@@ -42,7 +41,8 @@ def tiny_rms(tiny_llava, tmp_path_factory):
     """Untrained but non-trivial question and answer RMs (random head and LoRA) on tiny_llava."""
     import torch
 
-    from align2llava.reward import TrainRewardParams, build_reward_model, save_reward_model
+    from align2llava.models.reward_model import save_reward_model
+    from align2llava.steps.reward_training.train import TrainRewardParams, build_reward_model
 
     out = tmp_path_factory.mktemp("rms")
     params = TrainRewardParams(lora_r=4, lora_alpha=8, lora_dropout=0.0, dtype="float32",
@@ -130,7 +130,7 @@ def test_two_processes_match_one(tiny_rms, image_root, tmp_path):
     """The stage under torchrun with 2 CPU processes writes the same file as one process."""
     import torch
 
-    from align2llava.io import write_records
+    from align2llava.data.io import write_records
 
     recs = pool_records()
     write_records(recs, tmp_path / "pool.json")

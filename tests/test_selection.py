@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from align2llava.errors import DataError
-from align2llava.selection import SelectParams, keep_count, parse_scores, resolve_candidates, select
+from align2llava.steps.selection import SelectParams, keep_count, parse_scores, resolve_candidates, select
 from tests.conftest import llava_record
 
 TASKS = ("conversation", "detail", "complex_reasoning")
@@ -116,7 +116,7 @@ def test_baselines_have_the_same_counts_and_keep_original_candidates(method):
 def test_random_is_seeded_by_select_seed():
     pool, rows = make_pool()
     scores = parse_scores(rows)
-    ids = lambda s: [r["id"] for r in select(pool, scores, SelectParams(method="random", seed=s)).selected]  # noqa: E731
+    ids = lambda s: [r["id"] for r in select(pool, scores, SelectParams(method="random", seed=s)).selected]
     assert ids(0) == ids(0)
     assert ids(0) != ids(1)
 

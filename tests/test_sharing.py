@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from align2llava.io import write_records
+from align2llava.data.io import write_records
 from tests.conftest import ROOT, llava_record
 
 DVC = Path(sys.executable).parent / "dvc"

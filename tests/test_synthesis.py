@@ -12,23 +12,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from align2llava.io import read_jsonl_strict, read_records_strict
-from align2llava.records import validate_records
-from align2llava.synthesis import (
-    COLORS,
-    DEFECTS,
-    QUESTION_DEFECTS,
-    SHAPES,
-    TASKS,
-    DefectRates,
-    SynthesizeParams,
-    Truth,
-    judge_answer,
-    judge_question,
-    make_item,
-    measure_image,
-    measured_rates,
-)
+from align2llava.data.io import read_jsonl_strict, read_records_strict
+from align2llava.data.records import validate_records
+from align2llava.demo.synthesis.annotator import judge_answer, judge_question
+from align2llava.demo.synthesis.params import DEFECTS, QUESTION_DEFECTS, TASKS, DefectRates, SynthesizeParams
+from align2llava.demo.synthesis.synthesize import measured_rates
+from align2llava.demo.synthesis.world import COLORS, SHAPES, Truth, measure_image
+from align2llava.demo.synthesis.writer import make_item
 from tests.conftest import ROOT, TINY_WORLD
 
 

@@ -1,0 +1,1 @@
+"""The data contract: LLaVA records, reading and writing them, images, rejected records."""

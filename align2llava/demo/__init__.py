@@ -1,0 +1,1 @@
+"""The embedded default: the demo world, the demo base MLLM, and demo-only diagnostics."""

@@ -1,0 +1,1 @@
+"""The demo world built from easy-vqa: pool, simulated annotations, benchmark (the synthesize stage)."""

@@ -1,0 +1,37 @@
+"""The `synthesize:` section and the demo world's task and defect names.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from align2llava.config import Section
+
+TASKS = ("conversation", "detail", "complex_reasoning")
+DEFECTS = ("hallucinated_color", "hallucinated_shape", "wrong_yes_no", "omitted_key_fact",
+           "generic_question", "unanswerable_question")
+QUESTION_DEFECTS = ("generic_question", "unanswerable_question")
+STEP = 0.25  # annotator scores lie on this grid; Label Studio rating = 1 + round(score * 4)
+
+
+class DefectRates(Section):
+    hallucinated_color: float = Field(0.12, ge=0, le=1)
+    hallucinated_shape: float = Field(0.10, ge=0, le=1)
+    wrong_yes_no: float = Field(0.10, ge=0, le=1)
+    omitted_key_fact: float = Field(0.10, ge=0, le=1)
+    generic_question: float = Field(0.08, ge=0, le=1)
+    unanswerable_question: float = Field(0.08, ge=0, le=1)
+
+
+class SynthesizeParams(Section):
+    """The `synthesize:` section of params.yaml."""
+
+    pool_per_task: int = Field(300, ge=1)
+    defect_rates: DefectRates = DefectRates()
+    annotate_fraction: float = Field(0.10, ge=0, le=1)  # share of pool records annotated
+    question_candidates: int = Field(4, ge=2)  # per annotated record, the original included
+    answer_candidates: int = Field(4, ge=2)  # per annotated turn, the original included
+    annotator_noise: float = Field(0.15, ge=0, le=1)  # chance a score moves one 0.25 step
+    benchmark_vqa_per_type: int = Field(100, ge=0)
+    benchmark_pope: int = Field(200, ge=0)
+    captions: int = Field(4000, ge=0)  # train images captioned for pretraining (at most 4,000)

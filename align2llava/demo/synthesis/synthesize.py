@@ -1,0 +1,224 @@
+"""The demo world: an instruction pool, simulated annotations and a benchmark from easy-vqa.
+
+easy-vqa (MIT, on PyPI) ships 64x64 images of one shape (circle, rectangle, triangle) in one of
+8 colours on a light background, with QA pairs, split into train (4,000 images) and test (1,000).
+`synthesize()` turns it into what the Align²LLaVA pipeline consumes:
+
+- `pool.json`: LLaVA records with an extra `"task"` (`conversation`: 2-3 turns; `detail`;
+  `complex_reasoning`), one train image each, ids `evqa-<image:06d>-<task>`. They are written as
+  a text-only generator writes from a caption (verbose, "Certainly! In the image, ..."), with
+  defects at the rates of `SynthesizeParams.defect_rates`.
+- `oracle.jsonl`: which defects each record carries (for diagnosis; no curation stage reads it).
+- `annotations/`: candidate question sets and answers for a share of the pool's records, scored
+  by a *simulated* annotator (`judge_question`, `judge_answer`) that reads the text and checks it
+  against the ground truth with the paper's rubric (docs/method.md), plus noise; scores on a 0.25 grid.
+- `benchmark/`: easy-vqa's test QA (shape / color / yes_no) and POPE-style presence probes.
+- `captions.jsonl`: true short captions of train images (LLaVA stage-1 data).
+
+Defect types (the names used in `oracle.jsonl`):
+
+- `hallucinated_color`: an answer names a colour the shape does not have.
+- `hallucinated_shape`: an answer names a shape that is not there.
+- `wrong_yes_no`: a yes/no answer is inverted (conversation and complex_reasoning only).
+- `omitted_key_fact`: an answer talks around the question without the fact it asks for.
+- `generic_question`: a turn is a generic question with a vague, content-free answer.
+- `unanswerable_question`: a turn asks about something absent (a dog, people, a shape that is
+  not there) and its answer confidently makes it up.
+
+Each rate is the share of records of a task that carry that defect (`wrong_yes_no` over the
+tasks it applies to). Single-turn records carry at most one defect; conversations draw each
+type independently, one per turn. Ground truth (shape, colour) comes from the pixels (exact
+easy-vqa palette, fill ratio of the bounding box) and is cross-checked against easy-vqa's own QA.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from align2llava.data.io import write_jsonl, write_records
+from align2llava.demo.synthesis.annotator import build_annotations
+from align2llava.demo.synthesis.params import DEFECTS, TASKS
+from align2llava.demo.synthesis.world import COLORS, SHAPES, _words, easy_vqa_dir, load_truths, qa_facts, read_split
+from align2llava.demo.synthesis.writer import _a, caption, make_item, oracle_row
+from align2llava.errors import DataError
+
+if TYPE_CHECKING:
+    from align2llava.demo.synthesis.params import SynthesizeParams
+    from align2llava.demo.synthesis.writer import Item
+
+# ------------------------------------------------------------------- benchmark and captions
+def build_benchmark(qa: list[tuple[str, str, int]], images: dict[int, Path], p: SynthesizeParams,
+                    seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """easy-vqa test QA per type (negated yes/no questions left out) and balanced POPE probes.
+
+    Also returns how many probed images' pixel truth disagreed with easy-vqa's QA.
+    """
+    rng = random.Random(f"{seed}:benchmark")
+    order = sorted(qa, key=lambda x: (x[2], x[0]))
+    rng.shuffle(order)
+    picked: dict[str, list[tuple[str, str, int]]] = {"shape": [], "color": [], "yes_no": []}
+    seen: dict[str, set[int]] = {k: set() for k in picked}
+    for q, a, i in order:
+        typ = "shape" if a in SHAPES else "color" if a in COLORS else "yes_no"
+        if typ == "yes_no" and {"not", "no"} & set(_words(q)):
+            continue
+        want = p.benchmark_vqa_per_type
+        if typ == "yes_no":  # balanced: half yes, half no
+            want = (want + (a == "yes")) // 2
+            if sum(x[1] == a for x in picked[typ]) >= want:
+                continue
+        elif len(picked[typ]) >= want:
+            continue
+        if i in seen[typ] or i not in images:
+            continue
+        seen[typ].add(i)
+        picked[typ].append((q, a, i))
+    vqa = []
+    for typ in ("shape", "color", "yes_no"):
+        for q, a, i in sorted(picked[typ], key=lambda x: (x[2], x[0])):
+            vqa.append({"id": f"vqa-{typ}-{i:04d}", "image": f"test/{i}.png", "question": q[0].upper() + q[1:],
+                        "answer": a, "type": typ})
+    pope = []
+    ids = sorted(images)
+    rng.shuffle(ids)
+    ids = sorted(ids[: min(p.benchmark_pope, len(ids))])
+    truths, mism = load_truths("test", ids, qa_facts(qa), images)
+    for k in range(p.benchmark_pope):
+        t = truths[ids[k % len(ids)]]
+        yes, on_shape = k % 2 == 0, (k // 2) % 2 == 0
+        if on_shape:
+            x = t.shape if yes else rng.choice([s for s in SHAPES if s != t.shape])
+            q = f"Is there {_a(x)} in the image?"
+        else:
+            x = t.color if yes else rng.choice([c for c in COLORS if c != t.color])
+            q = f"Is there {_a(x)} shape in the image?"
+        pope.append({"id": f"pope-{k:04d}", "image": t.image, "question": q, "answer": "yes" if yes else "no",
+                     "type": "pope"})
+    return vqa, pope, mism
+
+
+# ------------------------------------------------------------------------------- the stage
+def _write_json(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def measured_rates(items: list[Item]) -> dict[str, Any]:
+    """Share of records carrying each defect, overall (over applicable tasks) and per task."""
+    by_task: dict[str, list[Item]] = {task: [i for i in items if i.record["task"] == task] for task in TASKS}
+    out: dict[str, Any] = {"overall": {}, "by_task": {}, "clean_fraction": {}}
+    for d in DEFECTS:
+        pool = [i for i in items if not (d == "wrong_yes_no" and i.record["task"] == "detail")]
+        has = sum(any(d in ds for ds in i.turn_defects.values()) for i in pool)
+        out["overall"][d] = round(has / max(1, len(pool)), 4)
+    for task, its in by_task.items():
+        out["by_task"][task] = {d: round(sum(any(d in ds for ds in i.turn_defects.values()) for i in its)
+                                         / max(1, len(its)), 4) for d in DEFECTS}
+        out["clean_fraction"][task] = round(sum(not i.turn_defects for i in its) / max(1, len(its)), 4)
+    out["clean_fraction"]["all"] = round(sum(not i.turn_defects for i in items) / max(1, len(items)), 4)
+    return out
+
+
+def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
+               source: str | Path | None = None) -> dict[str, Any]:
+    """Write the demo world to `out_dir` (see the module doc); returns metrics."""
+    start = time.time()
+    out, source = Path(out_dir), Path(source) if source else easy_vqa_dir()
+    train_images, train_qa = read_split(source, "train")
+    test_images, test_qa = read_split(source, "test")
+    n_pool = p.pool_per_task * len(TASKS)
+    if n_pool > len(train_images):
+        raise DataError(f"synthesize.pool_per_task: {n_pool:,} pool images needed, {len(train_images):,} available")
+    train_ids = sorted(train_images)
+    pool_ids = list(train_ids)
+    random.Random(f"{seed}:pool").shuffle(pool_ids)
+    pool_ids = pool_ids[:n_pool]
+    cap_ids = train_ids[: p.captions]
+    truths, mism = load_truths("train", sorted(set(pool_ids) | set(cap_ids)), qa_facts(train_qa),
+                               train_images)
+    items = []
+    for k, task in enumerate(TASKS):
+        block = sorted(pool_ids[k * p.pool_per_task: (k + 1) * p.pool_per_task])
+        items += [make_item(task, truths[i], seed, p.defect_rates) for i in block]
+    rng = random.Random(f"{seed}:annotated")
+    annotated = []
+    for task in TASKS:
+        its = [i for i in items if i.record["task"] == task]
+        annotated += sorted(rng.sample(its, round(p.annotate_fraction * len(its))), key=lambda i: i.record["id"])
+    ann = build_annotations(annotated, p, seed)
+    vqa, pope, mism_test = build_benchmark(test_qa, test_images, p, seed)
+    caps = [{"id": f"cap-{i:06d}", "image": truths[i].image,
+             "caption": caption(truths[i], random.Random(f"{seed}:caption:{i}"))} for i in cap_ids]
+
+    if out.exists():
+        for name in ("images", "annotations", "benchmark"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    used = sorted({(t.split, t.image_id) for t in truths.values()}
+                  | {tuple(r["image"].removesuffix(".png").split("/")) for r in vqa + pope})
+    from tqdm import tqdm
+
+    for split, i in tqdm(used, desc="copy images", unit="img", disable=None, leave=False):
+        dst = out / "images" / split / f"{int(i)}.png"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile((train_images if split == "train" else test_images)[int(i)], dst)
+    write_records([i.record for i in items], out / "pool.json", "json")
+    write_jsonl([oracle_row(i) for i in items], out / "oracle.jsonl")
+    write_jsonl(caps, out / "captions.jsonl")
+    _write_json(ann.question, out / "annotations" / "question.json")
+    _write_json(ann.answer, out / "annotations" / "answer.json")
+    _write_json(ann.labelstudio, out / "annotations" / "labelstudio.json")
+    (out / "annotations" / "README.md").write_text(ANNOTATIONS_README, encoding="utf-8")
+    write_jsonl(vqa, out / "benchmark" / "vqa.jsonl")
+    write_jsonl(pope, out / "benchmark" / "pope.jsonl")
+
+    rates = measured_rates(items)
+    return {
+        "pool": {"total": len(items), **{t: sum(i.record["task"] == t for i in items) for t in TASKS},
+                 "turns": sum(len(i.turns) for i in items)},
+        "defect_rate": rates["overall"],
+        "defect_rate_by_task": rates["by_task"],
+        "clean_fraction": rates["clean_fraction"],
+        "annotations": {"records": len(annotated), "groups": ann.groups, "candidates": ann.candidates,
+                        "strict_pairs": ann.pairs, "tied_pairs": ann.ties,
+                        "tie_rate": round(ann.ties / max(1, ann.pairs + ann.ties), 4)},
+        "benchmark": {**{t: sum(r["type"] == t for r in vqa) for t in ("shape", "color", "yes_no")},
+                      "pope": len(pope), "pope_yes_fraction": round(sum(r["answer"] == "yes" for r in pope)
+                                                                    / max(1, len(pope)), 4)},
+        "captions": len(caps),
+        "images": len(used),
+        # images whose pixel-measured shape/colour disagreed with easy-vqa's QA (the QA wins)
+        "truth_pixel_qa_disagreements": mism + mism_test,
+        "seconds": round(time.time() - start, 2),
+    }
+
+
+ANNOTATIONS_README = """\
+# Demo annotations: simulated, not human
+
+These files stand in for the paper's human seed set on the demo world (easy-vqa images). A
+scripted annotator (align2llava/demo/synthesis/annotator.py: judge_question, judge_answer, annotate) reads each
+candidate and checks it against the image's ground truth (shape and colour from the pixels):
+
+- questions: grounded and answerable (0 for absent things or a wrong presupposed shape), specific
+  (0.25 for generic ones), needing reasoning or a description (1.0, else 0.75); a question set
+  scores the mean, a repeated question counts as generic;
+- answers: 0 for a wrong colour, shape or yes/no, or an absent object described as present;
+  0.5 when the key fact is missing; 1.0 when right and complete, 0.75 when right but terse.
+
+Then, with probability `synthesize.annotator_noise`, the score slips one 0.25 step up or down
+(annotator noise), and scores are kept on the 0.25 grid, so ties are common.
+
+- question.json: [{"id", "image", "questions": [[q, ...], ...], "score": [...]}], candidate 0 is
+  the pool's original (it carries "<image>").
+- answer.json: LLaVA records whose gpt turns hold candidate lists with a parallel "score" list;
+  candidate 0 is the pool's original answer.
+- labelstudio.json: the same judgements as a Label Studio export: one task per group
+  ("<id>/question" or "<id>/answer/<turn>"), ratings 1..5 = 1 + round(score * 4).
+"""

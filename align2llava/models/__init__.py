@@ -1,0 +1,1 @@
+"""Model plumbing: loading checkpoints, precision, chat templates, LoRA targets, the reward model."""

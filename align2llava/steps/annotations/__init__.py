@@ -1,0 +1,1 @@
+"""Human annotations to strict preference pairs (the annotate-import stage)."""

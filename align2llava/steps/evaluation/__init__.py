@@ -1,0 +1,1 @@
+"""Benchmark evaluation of the tuned MLLM (the evaluate stage)."""

@@ -1,0 +1,1 @@
+"""Training the question and answer reward models (the train-reward stage)."""

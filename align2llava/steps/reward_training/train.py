@@ -1,0 +1,360 @@
+"""Training the reward models on strict preference pairs (Bradley-Terry).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from align2llava.config import Section
+from align2llava.errors import DataError
+from align2llava.models.lora import LLM_LINEAR, _lora_regex, resolve_layers
+from align2llava.models.precision import _is_cpu, cast_backbone, precision
+from align2llava.models.reward_model import Encoder, RewardModel, pair_text, save_reward_model
+from align2llava.steps.reward_training.pairs import augmentation_pairs, image_swap_pairs, mismatch_pairs
+
+log = logging.getLogger(__name__)
+
+class TrainRewardParams(Section):
+    """The `train_reward` section of params.yaml (paper values in the comments there)."""
+
+    kinds: list[Literal["question", "answer"]] = ["question", "answer"]
+    # lora: LoRA on the LLM (+ head, + projector if train_projector); frozen: frozen LLM, trainable
+    # projector + head. The vision tower is always frozen.
+    method: Literal["lora", "frozen"] = "lora"
+    train_projector: bool = True
+    lora_r: int = Field(128, ge=1)
+    lora_alpha: int = Field(256, ge=1)
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] = LLM_LINEAR
+    # LLM layer indices to adapt (negative: from the top); null: every layer.
+    layers_to_transform: list[int] | None = None
+    learning_rate: float = Field(2.0e-5, gt=0)
+    projector_learning_rate: float = Field(2.0e-5, gt=0)
+    num_train_epochs: float = Field(5, gt=0)
+    # Pairs per step per process (times gradient_accumulation_steps times processes = global).
+    per_device_train_batch_size: int = Field(64, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    max_length: int = Field(2048, ge=8)
+    corruption_rate: float = Field(0.25, ge=0.0, le=1.0)
+    # Not in the paper (0 = off): per group, probability of an image-mismatch pair, the group's
+    # best candidate over a best candidate written for another image (see mismatch_pairs).
+    mismatch_rate: float = Field(0.0, ge=0.0, le=1.0)
+    # Not in the paper (0 = off): image-swap pairs per best candidate, the candidate on its own
+    # image over the same text on another training image (see image_swap_pairs).
+    image_swaps: int = Field(0, ge=0)
+    # Validate every N optimizer steps (0: once per epoch) and at the end.
+    eval_steps: int = Field(0, ge=0)
+    per_device_eval_batch_size: int = Field(32, ge=1)
+    # auto: bf16 on GPUs that support it and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32.
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "mixed"] = "auto"
+    # Compute the frozen bottom layers once (only when just the top layers adapt).
+    cache_frozen_layers: bool = True
+
+
+def build_reward_model(
+    base_model: str | Path, params: TrainRewardParams, *, device: str = "cpu",
+) -> tuple[RewardModel, Any]:
+    """A trainable reward model on `base_model` per `params`; returns (model, processor)."""
+    import torch
+
+    from align2llava.models.loading import load_mllm
+
+    dtype, amp = precision(params.dtype, device)
+    model, processor = load_mllm(base_model, dtype="float32")
+    backbone = model.model  # LlavaModel: vision tower + projector + LLM, no LM head
+    del model
+    cast_backbone(backbone, dtype)
+    backbone.requires_grad_(False)
+    n_layers = len(backbone.language_model.layers)
+    layers = resolve_layers(params.layers_to_transform, n_layers)
+    hidden = int(backbone.config.text_config.hidden_size)
+    train_proj = params.method == "frozen" or params.train_projector
+    if train_proj:  # trained in fp32, fed by an fp32 vision tower
+        backbone.vision_tower.to(torch.float32)
+        backbone.multi_modal_projector.to(torch.float32).requires_grad_(True)
+    if params.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=params.lora_r,
+            lora_alpha=params.lora_alpha,
+            lora_dropout=params.lora_dropout,
+            target_modules=_lora_regex(n_layers, layers, params.lora_target_modules),
+            bias="none",
+        )
+        backbone = get_peft_model(backbone, config)  # adapters in fp32
+        if train_proj:
+            backbone.get_base_model().multi_modal_projector.requires_grad_(True)
+    start = None
+    if (params.cache_frozen_layers and params.method == "lora" and layers is not None
+            and not train_proj and layers[0] > 0):
+        start = layers[0]
+    if _is_cpu(device):
+        # CPU: eager attention backpropagates through bf16 matmuls, several times faster than
+        # the CPU SDPA kernel's backward
+        (backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone).set_attn_implementation("eager")
+    rm = RewardModel(backbone, hidden, start_layer=start)
+    rm.to(device)
+    rm.use_autocast(amp)
+    return rm, processor
+
+
+def trainable_parameters(rm: RewardModel) -> list[tuple[str, Any]]:
+    return [(n, p) for n, p in rm.named_parameters() if p.requires_grad]
+
+
+def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> float:
+    """Share of pairs with r(chosen) > r(rejected); an exact tie counts one half."""
+    if not chosen:
+        return float("nan")
+    wins = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected))
+    return wins / len(chosen)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainResult:
+    kind: str
+    val_accuracy: float | None  # None without validation pairs
+    val_accuracy_initial: float | None
+    train_pairs: int
+    augmented_pairs: int
+    val_pairs: int
+    steps: int
+    final_loss: float
+    seconds: float
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    trainable_params: int = 0
+    # The trained model and its encoder (in memory, for callers that score right away).
+    model: Any = None
+    encoder: Any = None
+
+
+class _PairData:
+    """Distinct texts of pairs, encoded once; pairs as (chosen index, rejected index)."""
+
+    def __init__(self, kind: str, pairs: Sequence[dict[str, Any]], encoder: Encoder):
+        self.items: list[tuple[list[int], str | None]] = []
+        self.index: dict[tuple[str | None, str], int] = {}
+        self.pairs: list[tuple[int, int]] = []
+        self.groups: dict[str, list[int]] = {}
+        for n, p in enumerate(pairs):
+            img = p.get("image") or None
+            c = self._add(img, pair_text(kind, p["prompt"], p["chosen"]), encoder)
+            r = self._add(p.get("rejected_image", img), pair_text(kind, p["prompt"], p["rejected"]), encoder)
+            self.pairs.append((c, r))
+            self.groups.setdefault(p["group"], []).append(n)
+
+    def _add(self, image: str | None, text: str, encoder: Encoder) -> int:
+        key = (image, text)
+        if key not in self.index:
+            self.index[key] = len(self.items)
+            self.items.append((encoder.ids(text, image is not None), image))
+        return self.index[key]
+
+    def packs(self, pairs_per_pack: int, seed: int) -> list[list[int]]:
+        """Whole groups packed into batches of about `pairs_per_pack` pairs (seeded order).
+
+        A group's candidates share one batch, so each distinct text runs once per epoch however
+        many pairs it is in; the loss is still the mean over the batch's pairs.
+        """
+        names = sorted(self.groups)
+        random.Random(f"{seed}:packs").shuffle(names)
+        packs: list[list[int]] = [[]]
+        for g in names:
+            if len(packs[-1]) >= pairs_per_pack:
+                packs.append([])
+            packs[-1].extend(self.groups[g])
+        return [p for p in packs if p]
+
+
+def _cache_prefix(rm: RewardModel, encoder: Encoder, data: _PairData, batch_size: int,
+                  device: Any, desc: str) -> list[Any]:
+    """Hidden states entering the first adapted layer for every distinct text (unpadded)."""
+    from tqdm import tqdm
+
+    dtype = next(p.dtype for p in rm.llava().parameters())
+    order = sorted(range(len(data.items)), key=lambda i: -len(data.items[i][0]))
+    cache: list[Any] = [None] * len(data.items)
+    rm.eval()
+    for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=None):
+        chunk = order[s : s + batch_size]
+        batch = encoder.batch([data.items[i] for i in chunk], dtype=dtype)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        h = rm.prefix_hidden(**batch)
+        for row, i in enumerate(chunk):
+            cache[i] = h[row, : len(data.items[i][0])].clone()
+    return cache
+
+
+def _cached_batch(cache: list[Any], idx: Sequence[int]) -> dict[str, Any]:
+    import torch
+
+    width = max(cache[i].shape[0] for i in idx)
+    h0 = cache[idx[0]]
+    hidden = torch.zeros((len(idx), width, h0.shape[-1]), dtype=h0.dtype, device=h0.device)
+    mask = torch.zeros((len(idx), width), dtype=torch.long, device=h0.device)
+    for row, i in enumerate(idx):
+        n = cache[i].shape[0]
+        hidden[row, :n] = cache[i]
+        mask[row, :n] = 1
+    return {"hidden": hidden, "attention_mask": mask}
+
+
+def _rewards_of(rm: Any, data: _PairData, cache: list[Any] | None, encoder: Encoder,
+                idx: Sequence[int], device: Any, dtype: Any) -> Any:
+    if cache is not None:
+        batch = _cached_batch(cache, idx)
+    else:
+        batch = encoder.batch([data.items[i] for i in idx], dtype=dtype)
+        batch = {k: v.to(device) for k, v in batch.items()}
+    return rm(**batch)
+
+
+def _evaluate(rm: RewardModel, data: _PairData, cache: list[Any] | None, encoder: Encoder,
+              batch_size: int, device: Any) -> float:
+    import torch
+
+    dtype = next(p.dtype for p in rm.llava().parameters())
+    order = sorted(range(len(data.items)), key=lambda i: -len(data.items[i][0]))
+    scores = [0.0] * len(data.items)
+    was_training = rm.training
+    rm.eval()
+    with torch.no_grad():
+        for s in range(0, len(order), batch_size):
+            chunk = order[s : s + batch_size]
+            r = _rewards_of(rm, data, cache, encoder, chunk, device, dtype).float().cpu().tolist()
+            for i, v in zip(chunk, r):
+                scores[i] = v
+    rm.train(was_training)
+    return pairwise_accuracy([scores[c] for c, _ in data.pairs], [scores[r] for _, r in data.pairs])
+
+
+def train_reward_model(
+    kind: str,
+    pairs: Sequence[dict[str, Any]],
+    base_model: str | Path,
+    params: TrainRewardParams,
+    *,
+    image_root: str | Path | None,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train the `kind` reward model on strict pairs (+ corruption pairs); save it to out_dir."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm import tqdm
+    from transformers import get_scheduler
+
+    t0 = time.time()
+    train = [p for p in pairs if p["kind"] == kind and p["split"] == "train"]
+    val = [p for p in pairs if p["kind"] == kind and p["split"] == "val"]
+    if not train:
+        raise DataError(f"no {kind} training pairs (check annotate-import's output)")
+    accelerator = Accelerator(gradient_accumulation_steps=params.gradient_accumulation_steps,
+                              cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    set_seed(seed)
+    rm, processor = build_reward_model(base_model, params, device=str(device))
+    encoder = Encoder(processor, params.max_length, image_root)
+    aug = augmentation_pairs(train, kind, params.corruption_rate, seed)
+    aug += mismatch_pairs(train, kind, params.mismatch_rate, seed)
+    aug += image_swap_pairs(train, kind, params.image_swaps, seed)
+    train_data = _PairData(kind, list(train) + aug, encoder)
+    val_data = _PairData(kind, val, encoder)
+    n_train = sum(p.numel() for _, p in trainable_parameters(rm))
+    log.info("%s RM: %d train pairs (+%d corrupted), %d val pairs, %d distinct texts, %s trainable "
+             "params%s", kind, len(train), len(aug), len(val), len(train_data.items), f"{n_train:,}",
+             f", frozen-prefix cache below layer {rm.start_layer}" if rm.start_layer else "")
+    dtype = next(p.dtype for p in rm.llava().parameters())
+    train_cache = val_cache = None
+    if rm.start_layer is not None:
+        train_cache = _cache_prefix(rm, encoder, train_data, params.per_device_eval_batch_size, device, f"{kind} prefix")
+        val_cache = _cache_prefix(rm, encoder, val_data, params.per_device_eval_batch_size, device, f"{kind} val prefix") if val else None
+
+    head = [p for n, p in trainable_parameters(rm) if "multi_modal_projector" not in n]
+    proj = [p for n, p in trainable_parameters(rm) if "multi_modal_projector" in n]
+    groups = [{"params": head, "lr": params.learning_rate}]
+    if proj:
+        groups.append({"params": proj, "lr": params.projector_learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=params.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    packs = train_data.packs(params.per_device_train_batch_size, seed)
+    loader = torch.utils.data.DataLoader(packs, batch_size=1, shuffle=True, generator=gen,
+                                         collate_fn=lambda b: b[0])
+    per_epoch = math.ceil(len(loader) / params.gradient_accumulation_steps / accelerator.num_processes)
+    total = max(1, math.ceil(per_epoch * params.num_train_epochs))
+    # accelerate steps a prepared scheduler once per process per optimizer step
+    n_proc = accelerator.num_processes
+    scheduler = get_scheduler(params.lr_scheduler_type, optimizer,
+                              num_warmup_steps=round(total * params.warmup_ratio) * n_proc,
+                              num_training_steps=total * n_proc)
+    model, optimizer, loader, scheduler = accelerator.prepare(rm, optimizer, loader, scheduler)
+    eval_every = params.eval_steps or per_epoch
+    acc0 = _evaluate(rm, val_data, val_cache, encoder, params.per_device_eval_batch_size, device) if val else None
+    if acc0 is not None:
+        log.info("%s RM: val pairwise accuracy before training %.3f", kind, acc0)
+    curve: list[dict[str, Any]] = []
+    step, loss_sum, loss_n, last_loss = 0, 0.0, 0, float("nan")
+    model.train()
+    bar = tqdm(total=total, desc=f"train {kind} RM", unit="step", disable=None)
+    while step < total:
+        for idx in loader:
+            with accelerator.accumulate(model):
+                texts = sorted({t for i in idx for t in train_data.pairs[i]})
+                pos = {t: k for k, t in enumerate(texts)}
+                r = _rewards_of(model, train_data, train_cache, encoder, texts, device, dtype)
+                c = torch.tensor([pos[train_data.pairs[i][0]] for i in idx], device=r.device)
+                j = torch.tensor([pos[train_data.pairs[i][1]] for i in idx], device=r.device)
+                loss = -torch.nn.functional.logsigmoid(r[c] - r[j]).mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), params.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            loss_sum += float(loss.detach())
+            loss_n += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            last_loss = loss_sum / loss_n
+            loss_sum, loss_n = 0.0, 0
+            row: dict[str, Any] = {"step": step, "loss": last_loss, "val_accuracy": None}
+            if val and (step % eval_every == 0 or step == total):
+                row["val_accuracy"] = _evaluate(rm, val_data, val_cache, encoder,
+                                                params.per_device_eval_batch_size, device)
+                model.train()
+            curve.append(row)
+            if on_step is not None and accelerator.is_main_process:
+                on_step(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last_loss:.3f}")
+            if step >= total:
+                break
+    bar.close()
+    acc = next((r["val_accuracy"] for r in reversed(curve) if r["val_accuracy"] is not None), None)
+    accelerator.wait_for_everyone()
+    if out_dir is not None and accelerator.is_main_process:
+        save_reward_model(accelerator.unwrap_model(model), out_dir, kind=kind, backbone=str(base_model),
+                          max_length=params.max_length)
+    accelerator.wait_for_everyone()
+    return TrainResult(kind, acc, acc0, len(train), len(aug), len(val), step, last_loss,
+                       time.time() - t0, curve, n_train, accelerator.unwrap_model(model), encoder)

@@ -1,0 +1,306 @@
+"""Score an instruction pool with both reward models: the `score` stage's library.
+
+For every pool record: question_score = f(image, all human turns joined); per turn, g(image,
+question, answer) for each candidate answer (a gpt turn may hold a list of candidates), the
+best candidate, and answer_score = mean over turns of the best candidate's score
+(docs/formats.md, data/score/scores.jsonl).
+
+- Batched by length (longest first within a shard), so padding stays small.
+- Resumable: the pool is cut into shards of `shard_size` records in pool order; each finished
+  shard is written atomically to the work folder with a fingerprint of the models, params and
+  its records. A restarted run keeps finished shards whose fingerprint matches and scores the
+  rest; the merged output is the same as an uninterrupted run's.
+- Data-parallel: under `accelerate launch` / `torchrun`, process r scores shards r, r+n, ...;
+  the main process merges them in pool order. Each shard is batched the same way whatever the
+  process count, so the output equals one process's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from align2llava.config import Section
+from align2llava.data.records import human_turns, qa_pairs, record_problems
+from align2llava.data.rejects import Rejects
+from align2llava.errors import DataError
+from align2llava.models.reward_model import answer_text, load_reward_model, question_text, score_items
+from align2llava.models.runtime import process_state
+
+log = logging.getLogger(__name__)
+
+class ScoreParams(Section):
+    """The `score` section of params.yaml."""
+
+    question_model: str = "models/train_reward/question"
+    answer_model: str = "models/train_reward/answer"
+    # Items per forward pass (per process).
+    batch_size: int = Field(32, ge=1)
+    # Records per resumable shard.
+    shard_size: int = Field(128, ge=1)
+    # Finished shards live here until the merged output is written.
+    work_dir: str = ".cache/score"
+    keep_shards: bool = False
+    # Rejected pool records allowed: a fraction (< 1) or a count (>= 1).
+    reject_budget: float = Field(0.01, ge=0.0)
+    # Decode every image while checking the pool (else only check that the file exists).
+    decode_images: bool = True
+    # auto: bf16 on GPUs; fp32 weights with bf16 matmuls (mixed) on CPUs with native bf16; else
+    # float32 (align2llava.reward.precision).
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "mixed"] = "auto"
+    # Diagnosis only (the demo's defect oracle): AUROC of the scores per defect type when the
+    # file exists. Scores never depend on it. null: skip.
+    oracle: str | None = "data/synthesize/oracle.jsonl"
+
+
+# ----------------------------------------------------------------------------- the pool
+
+
+def load_pool(path: str | Path, image_root: str | Path | None, reject_budget: float,
+              decode_images: bool = True) -> tuple[list[dict[str, Any]], Rejects, int]:
+    """Pool records that can be scored, the rejects, and the input count (budget checked)."""
+    from align2llava.data.io import read_records
+
+    loaded = read_records(path)
+    rejects = Rejects(str(path), reject_budget)
+    for p in loaded.problems:
+        rejects.add_problem(p)
+    good = []
+    seen: dict[str, int] = {}
+    for rec, idx in zip(loaded.records, loaded.indices):
+        problems = record_problems(rec, image_root=image_root, check_images=decode_images,
+                                   allow_candidates=True)
+        if not problems and image_root is not None and rec.get("image") and not decode_images:
+            from align2llava.data.images import resolve_image
+
+            if not resolve_image(image_root, rec["image"]).is_file():
+                problems = [f"image file '{rec['image']}' not found"]
+        rid = rec.get("id") if isinstance(rec, dict) else None
+        if not problems and str(rid) in seen:
+            problems = [f"duplicate id (first at record {seen[str(rid)]})"]
+        if problems:
+            rejects.add(idx, rid, "; ".join(problems), rec)
+            continue
+        seen[str(rid)] = idx
+        good.append(rec)
+    total = len(loaded.records) + len(loaded.problems)
+    return good, rejects, total
+
+
+def record_items(rec: dict[str, Any]) -> tuple[str, list[list[str]]]:
+    """(f's text, per turn the list of g texts, one per candidate answer)."""
+    q = question_text(human_turns(rec))
+    turns = []
+    for question, answer in qa_pairs(rec):
+        cands = answer if isinstance(answer, list) else [answer]
+        turns.append([answer_text(question, a) for a in cands])
+    return q, turns
+
+
+# ----------------------------------------------------------------------------- models
+
+
+@dataclass
+class RewardModels:
+    question: Any
+    answer: Any
+    q_encoder: Any
+    a_encoder: Any
+    device: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def load_reward_models(question_dir: str | Path, answer_dir: str | Path, *, image_root: str | Path | None,
+                       dtype: str = "auto", device: Any = "cpu") -> RewardModels:
+    from align2llava.models.reward_model import Encoder
+
+    q, qproc, qmeta = load_reward_model(question_dir, dtype=dtype, device=str(device))
+    a, aproc, ameta = load_reward_model(answer_dir, dtype=dtype, device=str(device))
+    for d, meta, kind in ((question_dir, qmeta, "question"), (answer_dir, ameta, "answer")):
+        if meta["kind"] != kind:
+            raise DataError(f"{d}: is a {meta['kind']} reward model, expected the {kind} one")
+    return RewardModels(q, a, Encoder(qproc, qmeta["max_length"], image_root),
+                        Encoder(aproc, ameta["max_length"], image_root), device,
+                        {"question": qmeta, "answer": ameta})
+
+
+def score_records(models: RewardModels, records: Sequence[dict[str, Any]], batch_size: int,
+                  progress: bool = False) -> list[dict[str, Any]]:
+    """scores.jsonl rows for `records` (both models, each batched by length)."""
+    q_items, a_items, layout = [], [], []
+    for rec in records:
+        image = rec.get("image") or None
+        q, turns = record_items(rec)
+        q_items.append((q, image))
+        spans = []
+        for cands in turns:
+            spans.append((len(a_items), len(cands)))
+            a_items.extend((t, image) for t in cands)
+        layout.append(spans)
+    qs = score_items(models.question, models.q_encoder, q_items, batch_size=batch_size,
+                     device=models.device, progress="question RM" if progress else None)
+    ans = score_items(models.answer, models.a_encoder, a_items, batch_size=batch_size,
+                      device=models.device, progress="answer RM" if progress else None)
+    rows = []
+    for rec, qscore, spans in zip(records, qs, layout):
+        turns = []
+        for k, (start, n) in enumerate(spans):
+            scores = [round(s, 6) for s in ans[start : start + n]]
+            turns.append({"turn": k, "scores": scores, "best": max(range(n), key=lambda i: scores[i])})
+        best = [t["scores"][t["best"]] for t in turns]
+        rows.append({
+            "id": rec["id"],
+            "task": rec.get("task"),
+            "question_score": round(qscore, 6),
+            "answer_score": round(sum(best) / len(best), 6),
+            "turns": turns,
+        })
+    return rows
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def _sha(data: Any) -> str:
+    return hashlib.sha1(json.dumps(data, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
+
+
+def model_fingerprint(*dirs: str | Path) -> str:
+    """Hash of every file of the reward model folders (small: adapters, heads, configs)."""
+    h = hashlib.sha1()
+    for d in dirs:
+        for f in sorted(Path(d).rglob("*")):
+            if f.is_file():
+                h.update(f.relative_to(d).as_posix().encode())
+                h.update(hashlib.sha1(f.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _read_shard(path: Path, fingerprint: str, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """A finished shard's rows, or None when it is missing or was made from other inputs."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        head = json.loads(lines[0])
+        rows = [json.loads(x) for x in lines[1:]]
+    except (OSError, IndexError, json.JSONDecodeError):
+        return None
+    if head.get("fingerprint") != fingerprint or head.get("records") != _sha(records):
+        return None
+    if [r.get("id") for r in rows] != [r["id"] for r in records]:
+        return None
+    return rows
+
+
+def _write_shard(path: Path, fingerprint: str, records: Sequence[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"fingerprint": fingerprint, "records": _sha(records)}) + "\n")
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    tmp.replace(path)
+
+
+@dataclass
+class ScoreSummary:
+    records: int
+    shards: int
+    shards_resumed: int
+    seconds: float
+    scored_seconds: float
+    items: int = 0
+    processes: int = 1
+
+
+def score_pool(
+    records: Sequence[dict[str, Any]],
+    params: ScoreParams,
+    out_path: str | Path,
+    *,
+    image_root: str | Path | None,
+    extra_fingerprint: Any = None,
+    stop_after_shards: int | None = None,
+) -> ScoreSummary | None:
+    """Score `records` into out_path (JSONL), resumable and data-parallel (see module doc).
+
+    Returns the summary on the main process (None on the others). `stop_after_shards` ends the
+    run early after this process finished that many new shards (to test resuming).
+    """
+    t0 = time.time()
+    state = process_state()
+    rank, world = state.process_index, state.num_processes
+    out_path = Path(out_path)
+    work = Path(params.work_dir)
+    fp = _sha([model_fingerprint(params.question_model, params.answer_model), params.batch_size,
+               params.dtype, extra_fingerprint])
+    shards = [records[i : i + params.shard_size] for i in range(0, len(records), params.shard_size)]
+    names = [work / f"shard-{k:05d}.jsonl" for k in range(len(shards))]
+    mine = [k for k in range(len(shards)) if k % world == rank]
+    todo = [k for k in mine if _read_shard(names[k], fp, shards[k]) is None]
+    resumed = len(mine) - len(todo)
+    if resumed:
+        log.info("process %d: %d of its %d shards already finished; resuming", rank, resumed, len(mine))
+    t1 = time.time()
+    n_items = 0
+    if todo:
+        models = load_reward_models(params.question_model, params.answer_model, image_root=image_root,
+                                    dtype=params.dtype, device=state.device)
+        t1 = time.time()
+        for done, k in enumerate(todo):
+            if stop_after_shards is not None and done >= stop_after_shards:
+                return None
+            rows = score_records(models, shards[k], params.batch_size, progress=world == 1)
+            n_items += sum(1 + sum(len(t["scores"]) for t in r["turns"]) for r in rows)
+            _write_shard(names[k], fp, shards[k], rows)
+            log.info("process %d: shard %d/%d done (%d records)", rank, k + 1, len(shards), len(shards[k]))
+    scored_s = time.time() - t1
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    rows_all: list[dict[str, Any]] = []
+    for k in range(len(shards)):
+        rows = _read_shard(names[k], fp, shards[k])
+        if rows is None:
+            raise DataError(f"{names[k]}: shard missing or stale after scoring; rerun the stage")
+        rows_all.extend(rows)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows_all)
+    tmp.replace(out_path)
+    if not params.keep_shards:
+        for n in names:
+            n.unlink(missing_ok=True)
+    return ScoreSummary(len(records), len(shards), resumed, time.time() - t0, scored_s, n_items, world)
+
+
+QUESTION_DEFECTS = ("generic_question", "unanswerable_question")
+
+
+SCORE_KEYS = ("id", "task", "question_score", "answer_score", "turns")
+
+
+def read_scores(path: str | Path) -> list[dict[str, Any]]:
+    """scores.jsonl, read strictly (our own intermediate file)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found (run the score stage first)") from None
+    rows = []
+    for n, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {n + 1} is not valid JSON: {exc.msg}") from None
+        if not isinstance(row, dict) or any(k not in row for k in SCORE_KEYS):
+            raise DataError(f"{path}: line {n + 1} lacks keys of {', '.join(SCORE_KEYS)}")
+        rows.append(row)
+    return rows
