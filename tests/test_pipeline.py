@@ -165,4 +165,8 @@ def test_param_change_reruns_only_downstream(tmp_path):
     data = params()
     data["select"]["keep_ratio"] = 0.5
     (repo / "params.yaml").write_text(yaml.safe_dump(data))
-    assert repro() == {"select", "restyle", "finetune", "evaluate"}
+    assert repro() == {"select", "diagnose", "restyle", "finetune", "evaluate"}
+    # the demo diagnostics are a leaf: pointing them elsewhere reruns nothing of the method
+    data["diagnose"]["oracle"] = "elsewhere.jsonl"
+    (repo / "params.yaml").write_text(yaml.safe_dump(data))
+    assert repro() == {"diagnose"}
