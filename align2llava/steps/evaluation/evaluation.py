@@ -21,6 +21,10 @@ the VQA normalisation (lower case, punctuation, articles, number words -> digits
   `eval_exact_match`: the stripped generation equals a gold answer; `eval_vqa_accuracy`:
   min(1, #normalised matches / min(3, #gold)) (the VQA metric; exact normalised match when
   there is one gold answer).
+
+The answer rules live in answers.py; the accuracies and the POPE figures are computed by the
+Hugging Face `evaluate` modules in metrics/ (vqa_accuracy, pope), loaded by path
+(`load_metric`), which users can load from their own code (docs/evaluation-metrics.md).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ log = logging.getLogger(__name__)
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 YES_NO_TYPES = {"yes_no", "pope"}
 BENCHMARK_KEYS = ("id", "image", "question", "answer", "type")
+# The Hugging Face `evaluate` modules the metrics are computed with (docs/evaluation-metrics.md).
+METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 
 
 class EvaluateParams(Section):
@@ -229,50 +235,71 @@ def score_items(items: list[Item], predictions: list[str]) -> list[dict[str, Any
     return rows
 
 
+def metric_path(name: str) -> str:
+    """The folder of one of the Hugging Face `evaluate` modules kept in this package
+    (metrics/vqa_accuracy, metrics/pope), for `evaluate.load(metric_path(name))`."""
+    path = METRICS_DIR / name
+    if not (path / f"{name}.py").is_file():
+        raise DataError(f"no evaluate module '{name}' in {METRICS_DIR} (have: vqa_accuracy, pope)")
+    return str(path)
+
+
+def load_metric(name: str) -> Any:
+    """One of this package's `evaluate` modules, loaded by path: nothing from the Hub, works
+    offline; evaluate copies the script into HF_HOME/modules to import it."""
+    import evaluate
+
+    return evaluate.load(metric_path(name), keep_in_memory=True)
+
+
 def _mean(xs: list[float]) -> float:
     return round(sum(xs) / len(xs), 4) if xs else 0.0
 
 
+def _references(rows: list[dict[str, Any]]) -> list[list[str]]:
+    return [[r["answer"]] if isinstance(r["answer"], str) else list(r["answer"]) for r in rows]
+
+
 def benchmark_metrics(rows: list[dict[str, Any]], prefix: str = "benchmark") -> dict[str, Any]:
-    """Accuracy overall and per question type, and exact match."""
+    """Accuracy (the extracted answer, by the vqa_accuracy module: normalised match with the one
+    gold answer) overall and per question type, and exact match (the whole generation)."""
     if not rows:
         return {}
+    vqa = load_metric("vqa_accuracy")
+
+    def accuracy(subset: list[dict[str, Any]], key: str) -> float:
+        score = vqa.compute(predictions=[r[key] for r in subset], references=_references(subset))
+        return round(score["vqa_accuracy"], 4)
+
     out: dict[str, Any] = {
-        f"{prefix}_accuracy": _mean([float(r["correct"]) for r in rows]),
-        f"{prefix}_exact_match": _mean([float(r["exact_match"]) for r in rows]),
+        f"{prefix}_accuracy": accuracy(rows, "extracted"),
+        f"{prefix}_exact_match": accuracy(rows, "prediction"),
         f"{prefix}_count": len(rows),
     }
     for t in sorted({r["type"] for r in rows}):
-        out[f"{prefix}_accuracy_{t}"] = _mean([float(r["correct"]) for r in rows if r["type"] == t])
+        out[f"{prefix}_accuracy_{t}"] = accuracy([r for r in rows if r["type"] == t], "extracted")
     return out
 
 
 def pope_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """POPE: accuracy, precision/recall/F1 of "yes", and the share of "yes" answers."""
+    """POPE (the pope module): accuracy, precision/recall/F1 of "yes", the share of "yes" answers."""
     if not rows:
         return {}
-    tp = sum(1 for r in rows if r["extracted"] == "yes" and normalize(r["answer"]) == "yes")
-    fp = sum(1 for r in rows if r["extracted"] == "yes" and normalize(r["answer"]) == "no")
-    fn = sum(1 for r in rows if r["extracted"] == "no" and normalize(r["answer"]) == "yes")
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "pope_accuracy": _mean([float(r["correct"]) for r in rows]),
-        "pope_precision": round(precision, 4),
-        "pope_recall": round(recall, 4),
-        "pope_f1": round(f1, 4),
-        "pope_yes_ratio": _mean([float(r["extracted"] == "yes") for r in rows]),
-        "pope_count": len(rows),
-    }
+    m = load_metric("pope").compute(predictions=[r["prediction"] for r in rows],
+                                    references=[r["answer"] for r in rows])
+    out = {f"pope_{k}": round(m[k], 4) for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+    return {**out, "pope_count": len(rows)}
 
 
 def eval_file_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A user eval file: exact match of the stripped generation, VQA accuracy (the module)."""
     if not rows:
         return {}
+    vqa = load_metric("vqa_accuracy").compute(predictions=[r["prediction"] for r in rows],
+                                              references=_references(rows))
     return {
         "eval_exact_match": _mean([float(r["exact_match"]) for r in rows]),
-        "eval_vqa_accuracy": _mean([r["vqa_accuracy"] for r in rows]),
+        "eval_vqa_accuracy": round(vqa["vqa_accuracy"], 4),
         "eval_count": len(rows),
     }
 
