@@ -4,14 +4,15 @@
     python benchmarks/selection_defects.py --selected data/restyle/curated.json
 
 Demo only: data/synthesize/oracle.jsonl records which defects the generator put in each pool
-record (the pipeline never reads it). A record counts once per defect type it carries;
-`clean` is the share with none.
+record (no method stage reads it). A record counts once per defect type it carries; `clean` is
+the share with none. The demo-only `diagnose` stage writes the same rates for
+data/select/selected.json to metrics/diagnose.json (align2llava.demo.diagnostics.defect_rates);
+this script prints them for any selected or curated file.
 """
 
 from __future__ import annotations
 
 import sys
-from collections import Counter
 from pathlib import Path
 
 import click
@@ -21,25 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from align2llava.ops.clikit import user_errors
 
 
-def defect_rates(ids: list[str], oracle: dict[str, list[str]]) -> dict[str, float]:
-    counts: Counter[str] = Counter()
-    for i in ids:
-        defects = set(oracle[i])
-        counts.update(defects or {"clean"})
-    return {k: counts[k] / len(ids) for k in sorted(counts)}
-
-
 @click.command()
 @click.option("--oracle", "oracle_file", default="data/synthesize/oracle.jsonl", show_default=True, type=click.Path(path_type=Path))
 @click.option("--selected", "selected_file", default="data/select/selected.json", show_default=True, type=click.Path(path_type=Path))
 def main(oracle_file: Path, selected_file: Path) -> None:
     """Print defect rates per type: whole pool vs selected records."""
     with user_errors():
-        from align2llava.data.io import read_records
-        from align2llava.demo.diagnostics import read_oracle
+        from align2llava.demo.diagnostics import defect_rates, read_oracle, record_ids
 
-        oracle = {i: row.get("defects") or [] for i, row in read_oracle(oracle_file).items()}
-        selected = [str(r["id"]) for r in read_records(selected_file).records]
+        oracle = read_oracle(oracle_file)
+        selected = record_ids(selected_file)
         unknown = [i for i in selected if i not in oracle]
         if unknown:
             raise click.ClickException(f"{selected_file}: record id {unknown[0]} is not in {oracle_file}")

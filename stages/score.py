@@ -15,11 +15,10 @@ from pathlib import Path
 import click
 
 from align2llava.config import load_base, load_section
-from align2llava.demo.diagnostics import defect_auroc
 from align2llava.models.runtime import process_state
 from align2llava.ops.clikit import setup_logging, user_errors
 from align2llava.ops.tracking import stage_run
-from align2llava.steps.scoring import ScoreParams, load_pool, read_scores, score_pool
+from align2llava.steps.scoring import ScoreParams, load_pool, score_pool
 
 log = logging.getLogger("score")
 
@@ -51,8 +50,6 @@ def main(params_file: Path, out_dir: Path, stop_after_shards: int | None) -> Non
                 "shards": s.shards, "shards_resumed": s.shards_resumed, "seconds": round(s.seconds, 1),
                 "records_per_s": round(s.records / s.scored_seconds, 2) if s.scored_seconds else None,
             }
-            if p.oracle and Path(p.oracle).is_file():  # demo diagnosis only; scores do not use it
-                metrics["defect_auroc"] = defect_auroc(read_scores(out_dir / "scores.jsonl"), p.oracle)
             run.log_metrics(metrics)
         log.info("scored %s records (%s rejected) in %.0f s, %s rec/s over %d process(es) -> %s",
                  f"{s.records:,}", f"{rejects.count:,}", s.seconds, metrics["records_per_s"],

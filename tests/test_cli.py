@@ -98,6 +98,16 @@ def test_summary_prints_headlines_in_pipeline_order_with_cost(tmp_path):
     ]
 
 
+def test_summary_prints_the_demo_diagnostics_line(tmp_path):
+    (tmp_path / "select.json").write_text(json.dumps({"kept": 81, "pool": 900}))
+    (tmp_path / "diagnose.json").write_text(json.dumps(
+        {"pool_without_oracle": 0, "defect_rates": {"pool": {"clean": 0.5}, "selected": {"clean": 0.6049}}}))
+    result = CliRunner().invoke(main, ["summary", "--metrics-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[1] == (
+        "diagnose  demo oracle: clean in pool 0.500, in selected 0.605, pool without oracle 0")
+
+
 def test_summary_broken_metrics_file_is_one_line_error(tmp_path):
     (tmp_path / "select.json").write_text("{oops")
     result = CliRunner().invoke(main, ["summary", "--metrics-dir", str(tmp_path)])

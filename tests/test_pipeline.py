@@ -35,12 +35,23 @@ def module_of(name: str) -> str:
 
 def imported_modules(path: Path) -> set[str]:
     """The align2llava module files `path` imports, directly or through other modules (imports
-    inside functions included)."""
+    inside functions included). `load_metric("<name>")` in a module loads the Hugging Face
+    `evaluate` module metrics/<name>/<name>.py next to it by path: that counts as an import."""
     seen: set[str] = set()
     todo = [path]
     while todo:
-        tree = ast.parse(todo.pop().read_text())
+        current = todo.pop()
+        tree = ast.parse(current.read_text())
         for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "load_metric"
+                    and node.args and isinstance(node.args[0], ast.Constant)):
+                name = node.args[0].value
+                script = current.parent / "metrics" / name / f"{name}.py"
+                assert script.is_file(), f"{current}: load_metric({name!r}) but no {script}"
+                rel = str(script.relative_to(ROOT))
+                if rel not in seen:
+                    seen.add(rel)
+                    todo.append(script)
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("align2llava"):
                 assert node.level == 0, f"{path}: relative import of {node.module}"
                 base = node.module.replace(".", "/")
@@ -165,4 +176,8 @@ def test_param_change_reruns_only_downstream(tmp_path):
     data = params()
     data["select"]["keep_ratio"] = 0.5
     (repo / "params.yaml").write_text(yaml.safe_dump(data))
-    assert repro() == {"select", "restyle", "finetune", "evaluate"}
+    assert repro() == {"select", "diagnose", "restyle", "finetune", "evaluate"}
+    # the demo diagnostics are a leaf: pointing them elsewhere reruns nothing of the method
+    data["diagnose"]["oracle"] = "elsewhere.jsonl"
+    (repo / "params.yaml").write_text(yaml.safe_dump(data))
+    assert repro() == {"diagnose"}

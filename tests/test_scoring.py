@@ -1,4 +1,4 @@
-"""score: pool items, batched scoring, resume, 2 processes, rejects, AUROC, the stage."""
+"""score: pool items, batched scoring, resume, 2 processes, rejects, the stage."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import yaml
 from click.testing import CliRunner
 
 from align2llava.data.records import IMAGE_TOKEN
-from align2llava.demo.diagnostics import auroc, defect_auroc
 from align2llava.steps.scoring import (
     ScoreParams,
     load_pool,
@@ -74,7 +73,7 @@ def pool_records():
 
 def params_for(rms, tmp_path, **kw):
     return ScoreParams(question_model=str(rms / "question"), answer_model=str(rms / "answer"),
-                       dtype="float32", work_dir=str(tmp_path / "work"), oracle=None, **kw)
+                       dtype="float32", work_dir=str(tmp_path / "work"), **kw)
 
 
 def test_record_items_candidates_and_text():
@@ -135,7 +134,7 @@ def test_two_processes_match_one(tiny_rms, image_root, tmp_path):
     recs = pool_records()
     write_records(recs, tmp_path / "pool.json")
     score = {"question_model": str(tiny_rms / "question"), "answer_model": str(tiny_rms / "answer"),
-             "dtype": "float32", "shard_size": 2, "batch_size": 4, "oracle": None,
+             "dtype": "float32", "shard_size": 2, "batch_size": 4,
              "work_dir": str(tmp_path / "work2")}
     assert torch.get_num_threads() == 1  # as each torchrun process below (OMP_NUM_THREADS=1)
     score_pool(recs, ScoreParams(**{**score, "work_dir": str(tmp_path / "work1")}),
@@ -166,23 +165,6 @@ def test_load_pool_rejects_bad_records(tmp_path, image_root):
     assert "expected 'human'" in reasons[0] and "not found" in reasons[1] and "duplicate id" in reasons[2]
 
 
-def test_auroc_and_defect_auroc(tmp_path):
-    assert auroc([3, 4], [1, 2]) == 1.0 and auroc([1], [2]) == 0.0 and auroc([1, 2], [1, 2]) == 0.5
-    rows = [{"id": str(i), "task": "detail", "question_score": float(i), "answer_score": float(-i),
-             "turns": [{"turn": 0, "scores": [float(-i)], "best": 0}]} for i in range(6)]
-    oracle = [{"id": "0", "defects": []}, {"id": "1", "defects": []},
-              {"id": "2", "defects": ["generic_question"], "turn_defects": {"0": ["generic_question"]}},
-              {"id": "3", "defects": ["hallucinated_color"], "turn_defects": {"0": ["hallucinated_color"]}},
-              {"id": "4", "defects": []}, {"id": "5", "defects": ["hallucinated_color"]}]
-    (tmp_path / "o.jsonl").write_text("".join(json.dumps(o) + "\n" for o in oracle))
-    m = defect_auroc(rows, tmp_path / "o.jsonl")
-    # clean ids 0,1,4: question scores 0,1,4 vs generic id 2 -> 1 of 3 above
-    assert m["auroc_generic_question"] == pytest.approx(1 / 3, abs=1e-4)
-    # answer scores 0,-1,-4 vs -3,-5 -> 5 of 6 comparisons clean-above
-    assert m["auroc_hallucinated_color"] == pytest.approx(5 / 6, abs=1e-4)
-    assert m["auroc_turn_hallucinated_color"] == pytest.approx(2 / 3, abs=1e-4)
-
-
 def test_stage_writes_scores_rejects_and_metrics(tiny_rms, tmp_path, monkeypatch):
     from stages.score import main
 
@@ -193,10 +175,8 @@ def test_stage_writes_scores_rejects_and_metrics(tiny_rms, tmp_path, monkeypatch
     recs = pool_records()
     recs[5]["conversations"][1]["value"] = ""
     (tmp_path / "pool.json").write_text(json.dumps(recs))
-    oracle = [{"id": r["id"], "defects": ["omitted_key_fact"] if i % 3 == 0 else []} for i, r in enumerate(recs)]
-    (tmp_path / "oracle.jsonl").write_text("".join(json.dumps(o) + "\n" for o in oracle))
     score = {"question_model": str(tiny_rms / "question"), "answer_model": str(tiny_rms / "answer"),
-             "dtype": "float32", "reject_budget": 1, "oracle": "oracle.jsonl"}
+             "dtype": "float32", "reject_budget": 1}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
         {"base": {"seed": 0, "pool": "pool.json", "image_root": "images"}, "score": score}))
     res = CliRunner().invoke(main, [])
@@ -208,7 +188,7 @@ def test_stage_writes_scores_rejects_and_metrics(tiny_rms, tmp_path, monkeypatch
     assert len(rejects) == 1 and "empty" in json.loads(rejects[0])["reason"]
     m = json.loads((tmp_path / "metrics/score.json").read_text())
     assert m["scored"] == 11 and m["rejected"] == 1 and m["records_per_s"] > 0
-    assert 0.0 <= m["defect_auroc"]["auroc_omitted_key_fact"] <= 1.0
+    assert "defect_auroc" not in m  # demo diagnostics live in the diagnose stage
     score["reject_budget"] = 0.01
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
         {"base": {"seed": 0, "pool": "pool.json", "image_root": "images"}, "score": score}))

@@ -25,6 +25,10 @@ HEADLINES: dict[str, list[tuple[str, str]]] = {
                      ("answer RM val acc", "answer_val_pairwise_accuracy")],
     "score": [("records", "scored"), ("records/s", "records_per_s"), ("rejected", "rejected")],
     "select": [("kept", "kept"), ("of", "pool"), ("keep ratio", "keep_ratio_overall")],
+    # demo diagnostics (the demo's defect oracle), not a method figure
+    "diagnose": [("demo oracle: clean in pool", "defect_rates.pool.clean"),
+                 ("in selected", "defect_rates.selected.clean"),
+                 ("pool without oracle", "pool_without_oracle")],
     "restyle": [("rewrites accepted", "accepted"), ("of turns", "turns"), ("rate", "acceptance_rate")],
     "finetune": [("records", "train_records"), ("steps", "steps"), ("loss first", "first_loss"),
                  ("last", "final_loss")],

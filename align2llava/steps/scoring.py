@@ -56,9 +56,6 @@ class ScoreParams(Section):
     # auto: bf16 on GPUs; fp32 weights with bf16 matmuls (mixed) on CPUs with native bf16; else
     # float32 (align2llava.reward.precision).
     dtype: Literal["auto", "float32", "bfloat16", "float16", "mixed"] = "auto"
-    # Diagnosis only (the demo's defect oracle): AUROC of the scores per defect type when the
-    # file exists. Scores never depend on it. null: skip.
-    oracle: str | None = "data/synthesize/oracle.jsonl"
 
 
 # ----------------------------------------------------------------------------- the pool
@@ -279,9 +276,6 @@ def score_pool(
         for n in names:
             n.unlink(missing_ok=True)
     return ScoreSummary(len(records), len(shards), resumed, time.time() - t0, scored_s, n_items, world)
-
-
-QUESTION_DEFECTS = ("generic_question", "unanswerable_question")
 
 
 SCORE_KEYS = ("id", "task", "question_score", "answer_score", "turns")

@@ -21,14 +21,16 @@ the VQA normalisation (lower case, punctuation, articles, number words -> digits
   `eval_exact_match`: the stripped generation equals a gold answer; `eval_vqa_accuracy`:
   min(1, #normalised matches / min(3, #gold)) (the VQA metric; exact normalised match when
   there is one gold answer).
+
+The answer rules live in answers.py; the accuracies and the POPE figures are computed by the
+Hugging Face `evaluate` modules in metrics/ (vqa_accuracy, pope), loaded by path
+(`load_metric`), which users can load from their own code (docs/evaluation-metrics.md).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,12 +38,15 @@ from typing import Any
 from align2llava.config import Section
 from align2llava.data.images import load_rgb, resolve_image
 from align2llava.errors import DataError
+from align2llava.steps.evaluation.answers import extract_answer, normalize, vqa_accuracy, yes_no
 
 log = logging.getLogger(__name__)
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 YES_NO_TYPES = {"yes_no", "pope"}
 BENCHMARK_KEYS = ("id", "image", "question", "answer", "type")
+# The Hugging Face `evaluate` modules the metrics are computed with (docs/evaluation-metrics.md).
+METRICS_DIR = Path(__file__).resolve().parent / "metrics"
 
 
 class EvaluateParams(Section):
@@ -72,67 +77,6 @@ class Item:
     answers: list[str]
     image: str | None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------- answers
-
-_NUMBERS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
-}
-_ARTICLES = {"a", "an", "the"}
-_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$|~:]")
-
-
-def normalize(text: str) -> str:
-    """VQA-style normalisation: lower case, no punctuation or articles, number words as digits."""
-    text = text.lower().replace("\n", " ").replace("\t", " ").strip()
-    text = re.sub(r"(?<=\d),(?=\d)", "", text)  # 1,000 -> 1000
-    text = re.sub(r"\.(?!\d)|(?<!\d)\.", " ", text)  # periods, but not decimal points
-    text = text.replace("'", "")  # don't -> dont
-    text = _PUNCT.sub(" ", text)
-    words = [_NUMBERS.get(w, w) for w in text.split() if w not in _ARTICLES]
-    return " ".join(words)
-
-
-def _first_occurrence(norm: str, phrase: str) -> int:
-    m = re.search(rf"(?<!\S){re.escape(phrase)}(?!\S)", norm)
-    return m.start() if m else -1
-
-
-def yes_no(prediction: str) -> str:
-    """The POPE rule: the first of yes/no; else 'no' if the answer says 'not'; else 'yes'."""
-    norm = normalize(prediction)
-    hits = [(pos, w) for w in ("yes", "no") if (pos := _first_occurrence(norm, w)) >= 0]
-    if hits:
-        return min(hits)[1]
-    return "no" if _first_occurrence(norm, "not") >= 0 else "yes"
-
-
-def extract_answer(prediction: str, candidates: Iterable[str]) -> str:
-    """The candidate answer that occurs first (whole words) in the normalised prediction.
-
-    Longer candidates win ties at the same position ("light blue" over "blue"); with none
-    present, the normalised prediction itself.
-    """
-    norm = normalize(prediction)
-    best: tuple[int, int, str] | None = None
-    for cand in {normalize(c) for c in candidates}:
-        if not cand:
-            continue
-        pos = _first_occurrence(norm, cand)
-        if pos >= 0 and (best is None or (pos, -len(cand)) < best[:2]):
-            best = (pos, -len(cand), cand)
-    return best[2] if best else norm
-
-
-def vqa_accuracy(prediction: str, answers: list[str]) -> float:
-    """min(1, matches / min(3, #answers)) over normalised answers."""
-    if not answers:
-        return 0.0
-    pred = normalize(prediction)
-    matches = sum(1 for a in answers if normalize(a) == pred)
-    return min(1.0, matches / min(3, len(answers)))
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -291,50 +235,71 @@ def score_items(items: list[Item], predictions: list[str]) -> list[dict[str, Any
     return rows
 
 
+def metric_path(name: str) -> str:
+    """The folder of one of the Hugging Face `evaluate` modules kept in this package
+    (metrics/vqa_accuracy, metrics/pope), for `evaluate.load(metric_path(name))`."""
+    path = METRICS_DIR / name
+    if not (path / f"{name}.py").is_file():
+        raise DataError(f"no evaluate module '{name}' in {METRICS_DIR} (have: vqa_accuracy, pope)")
+    return str(path)
+
+
+def load_metric(name: str) -> Any:
+    """One of this package's `evaluate` modules, loaded by path: nothing from the Hub, works
+    offline; evaluate copies the script into HF_HOME/modules to import it."""
+    import evaluate
+
+    return evaluate.load(metric_path(name), keep_in_memory=True)
+
+
 def _mean(xs: list[float]) -> float:
     return round(sum(xs) / len(xs), 4) if xs else 0.0
 
 
+def _references(rows: list[dict[str, Any]]) -> list[list[str]]:
+    return [[r["answer"]] if isinstance(r["answer"], str) else list(r["answer"]) for r in rows]
+
+
 def benchmark_metrics(rows: list[dict[str, Any]], prefix: str = "benchmark") -> dict[str, Any]:
-    """Accuracy overall and per question type, and exact match."""
+    """Accuracy (the extracted answer, by the vqa_accuracy module: normalised match with the one
+    gold answer) overall and per question type, and exact match (the whole generation)."""
     if not rows:
         return {}
+    vqa = load_metric("vqa_accuracy")
+
+    def accuracy(subset: list[dict[str, Any]], key: str) -> float:
+        score = vqa.compute(predictions=[r[key] for r in subset], references=_references(subset))
+        return round(score["vqa_accuracy"], 4)
+
     out: dict[str, Any] = {
-        f"{prefix}_accuracy": _mean([float(r["correct"]) for r in rows]),
-        f"{prefix}_exact_match": _mean([float(r["exact_match"]) for r in rows]),
+        f"{prefix}_accuracy": accuracy(rows, "extracted"),
+        f"{prefix}_exact_match": accuracy(rows, "prediction"),
         f"{prefix}_count": len(rows),
     }
     for t in sorted({r["type"] for r in rows}):
-        out[f"{prefix}_accuracy_{t}"] = _mean([float(r["correct"]) for r in rows if r["type"] == t])
+        out[f"{prefix}_accuracy_{t}"] = accuracy([r for r in rows if r["type"] == t], "extracted")
     return out
 
 
 def pope_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """POPE: accuracy, precision/recall/F1 of "yes", and the share of "yes" answers."""
+    """POPE (the pope module): accuracy, precision/recall/F1 of "yes", the share of "yes" answers."""
     if not rows:
         return {}
-    tp = sum(1 for r in rows if r["extracted"] == "yes" and normalize(r["answer"]) == "yes")
-    fp = sum(1 for r in rows if r["extracted"] == "yes" and normalize(r["answer"]) == "no")
-    fn = sum(1 for r in rows if r["extracted"] == "no" and normalize(r["answer"]) == "yes")
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "pope_accuracy": _mean([float(r["correct"]) for r in rows]),
-        "pope_precision": round(precision, 4),
-        "pope_recall": round(recall, 4),
-        "pope_f1": round(f1, 4),
-        "pope_yes_ratio": _mean([float(r["extracted"] == "yes") for r in rows]),
-        "pope_count": len(rows),
-    }
+    m = load_metric("pope").compute(predictions=[r["prediction"] for r in rows],
+                                    references=[r["answer"] for r in rows])
+    out = {f"pope_{k}": round(m[k], 4) for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+    return {**out, "pope_count": len(rows)}
 
 
 def eval_file_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """A user eval file: exact match of the stripped generation, VQA accuracy (the module)."""
     if not rows:
         return {}
+    vqa = load_metric("vqa_accuracy").compute(predictions=[r["prediction"] for r in rows],
+                                              references=_references(rows))
     return {
         "eval_exact_match": _mean([float(r["exact_match"]) for r in rows]),
-        "eval_vqa_accuracy": _mean([r["vqa_accuracy"] for r in rows]),
+        "eval_vqa_accuracy": round(vqa["vqa_accuracy"], 4),
         "eval_count": len(rows),
     }
 
