@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -141,8 +142,11 @@ def test_two_processes_match_one(tiny_rms, image_root, tmp_path):
                tmp_path / "one.jsonl", image_root=image_root)
     base = {"seed": 0, "pool": str(tmp_path / "pool.json"), "image_root": str(image_root)}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"base": base, "score": score}))
+    with socket.socket() as sock:  # a free port: a fixed one collides with other runs on the machine
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           "29471", "-m", "stages.score", "--params", "params.yaml", "--out-dir", "out2"]
+           port, "-m", "stages.score", "--params", "params.yaml", "--out-dir", "out2"]
     env = dict(os.environ, ALIGN2LLAVA_NO_MLFLOW="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
