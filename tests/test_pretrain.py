@@ -48,7 +48,7 @@ def _invoke(tmp_path: Path, captions, **section):
 
     cap, images = captions
     args = ["--params", str(_params(tmp_path, **section)), "--captions", str(cap), "--image-root", str(images),
-            "--out", str(tmp_path / "model"), "--metrics-dir", str(tmp_path / "metrics"),
+            "--out-dir", str(tmp_path / "model"), "--metrics-dir", str(tmp_path / "metrics"),
             "--plots-dir", str(tmp_path / "plots")]
     return CliRunner().invoke(main, args)
 

@@ -34,7 +34,7 @@ def _run(tmp_path: Path, out: Path, **section):
     from stages.synthesize import main
 
     params = _params_file(tmp_path, **{**TINY_WORLD, **section})
-    return CliRunner().invoke(main, ["--params", str(params), "--out", str(out),
+    return CliRunner().invoke(main, ["--params", str(params), "--out-dir", str(out),
                                      "--metrics-dir", str(tmp_path / "metrics")])
 
 
@@ -206,7 +206,7 @@ def test_bad_source_is_a_one_line_error(tmp_path, monkeypatch):
 
     params = _params_file(tmp_path, **TINY_WORLD)
     (tmp_path / "src" / "train").mkdir(parents=True)
-    res = CliRunner().invoke(main, ["--params", str(params), "--out", str(tmp_path / "o"),
+    res = CliRunner().invoke(main, ["--params", str(params), "--out-dir", str(tmp_path / "o"),
                                     "--source", str(tmp_path / "src")])
     assert res.exit_code == 1
     assert res.output.startswith("Error: ") and "questions.json" in res.output
