@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from align2llava.errors import DataError, RejectBudgetExceeded
 from align2llava.steps.evaluation.evaluation import (
+    SHORT_ANSWER,
     Item,
     benchmark_metrics,
     extract_answer,
@@ -136,8 +137,9 @@ def test_batched_generation_equals_one_at_a_time(mllm, image_root):
         Item("2", "vqa", "shape", "Is there a long question about the shape here, yes or no?", ["yes"], "b.png"),
         Item("3", "vqa", "color", "Color?", ["blue"], "b.png"),
     ]
-    batched = generate_answers(model, processor, items, image_root=image_root, batch_size=3, max_new_tokens=6)
-    single = generate_answers(model, processor, items, image_root=image_root, batch_size=1, max_new_tokens=6)
+    kw = dict(image_root=image_root, max_new_tokens=6, instruction=SHORT_ANSWER)
+    batched = generate_answers(model, processor, items, batch_size=3, **kw)
+    single = generate_answers(model, processor, items, batch_size=1, **kw)
     assert batched == single and len(batched) == 3 and any(batched)
 
 

@@ -141,7 +141,7 @@ def _params(tmp_path, **kw) -> FinetuneParams:
     base = dict(
         lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=5e-3, mm_projector_lr=1e-3,
         freeze_mm_mlp_adapter=False, per_device_train_batch_size=4, max_steps=8, warmup_ratio=0.0,
-        lr_scheduler_type="constant", save_steps=100, max_length=256,
+        lr_scheduler_type="constant", save_steps=100, max_length=256, layers_to_transform=None,
         checkpoint_dir=str(tmp_path / "ckpt"),
     )
     return FinetuneParams(**{**base, **kw})

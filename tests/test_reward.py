@@ -250,7 +250,7 @@ def test_stage_trains_both_models(tiny_llava, image_root, tmp_path, monkeypatch)
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in _pairs(8)))
     params = {"base": {"seed": 0, "base_model": str(tiny_llava), "image_root": str(image_root)},
               "train_reward": {**TINY, "layers_to_transform": [-1], "train_projector": False,
-                               "num_train_epochs": 1, "learning_rate": 1.0e-2}}
+                               "num_train_epochs": 1, "learning_rate": 1.0e-2, "eval_steps": 0}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     res = CliRunner().invoke(main, ["--pairs", "pairs.jsonl"])
     assert res.exit_code == 0, res.output

@@ -24,31 +24,33 @@ from align2llava.steps.reward_training.pairs import augmentation_pairs, image_sw
 log = logging.getLogger(__name__)
 
 class TrainRewardParams(Section):
-    """The `train_reward` section of params.yaml (paper values in the comments there)."""
+    """The `train_reward` section of params.yaml. Defaults are the demo's params.yaml values (a
+    test keeps them equal); `paper:` comments give the paper's LLaVA-1.5-7B settings."""
 
     kinds: list[Literal["question", "answer"]] = ["question", "answer"]
     # lora: LoRA on the LLM (+ head, + projector if train_projector); frozen: frozen LLM, trainable
     # projector + head. The vision tower is always frozen.
     method: Literal["lora", "frozen"] = "lora"
-    train_projector: bool = True
-    lora_r: int = Field(128, ge=1)
-    lora_alpha: int = Field(256, ge=1)
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    lora_target_modules: list[str] = LLM_LINEAR
-    # LLM layer indices to adapt (negative: from the top); null: every layer.
-    layers_to_transform: list[int] | None = None
-    learning_rate: float = Field(2.0e-5, gt=0)
-    projector_learning_rate: float = Field(2.0e-5, gt=0)
-    num_train_epochs: float = Field(5, gt=0)
-    # Pairs per step per process (times gradient_accumulation_steps times processes = global).
-    per_device_train_batch_size: int = Field(64, ge=1)
+    train_projector: bool = False  # paper: true
+    lora_r: int = Field(16, ge=1)  # paper: 128
+    lora_alpha: int = Field(32, ge=1)  # paper: 256
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)  # paper: 0.05
+    lora_target_modules: list[str] = LLM_LINEAR  # paper: every LLM linear layer
+    # LLM layer indices to adapt (negative: from the top); null: every layer (paper: null).
+    layers_to_transform: list[int] | None = [-4, -3, -2, -1]
+    learning_rate: float = Field(1.0e-3, gt=0)  # paper: 2.0e-5
+    projector_learning_rate: float = Field(2.0e-5, gt=0)  # paper: 2.0e-5
+    num_train_epochs: float = Field(3.0, gt=0)  # paper: 5
+    # Pairs per step per process (times gradient_accumulation_steps times processes = global;
+    # paper: 64 global).
+    per_device_train_batch_size: int = Field(16, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"  # paper: cosine
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)  # paper: 0.03
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
-    max_length: int = Field(2048, ge=8)
-    corruption_rate: float = Field(0.25, ge=0.0, le=1.0)
+    max_length: int = Field(192, ge=8)  # paper: 2048
+    corruption_rate: float = Field(0.25, ge=0.0, le=1.0)  # paper: 0.25
     # Not in the paper (0 = off): per group, probability of an image-mismatch pair, the group's
     # best candidate over a best candidate written for another image (see mismatch_pairs).
     mismatch_rate: float = Field(0.0, ge=0.0, le=1.0)
@@ -56,9 +58,10 @@ class TrainRewardParams(Section):
     # image over the same text on another training image (see image_swap_pairs).
     image_swaps: int = Field(0, ge=0)
     # Validate every N optimizer steps (0: once per epoch) and at the end.
-    eval_steps: int = Field(0, ge=0)
+    eval_steps: int = Field(10, ge=0)
     per_device_eval_batch_size: int = Field(32, ge=1)
-    # auto: bf16 on GPUs that support it and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32.
+    # auto: bf16 on GPUs that support it and on CPUs with native bf16 (AMX / AVX512-BF16), else
+    # fp32 (paper: bf16).
     dtype: Literal["auto", "float32", "bfloat16", "float16", "mixed"] = "auto"
     # Compute the frozen bottom layers once (only when just the top layers adapt).
     cache_frozen_layers: bool = True
