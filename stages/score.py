@@ -45,18 +45,24 @@ def main(params_file: Path, metrics_dir: Path, verbose: bool, out_dir: Path, sto
                            extra_fingerprint=base.model_dump(), stop_after_shards=stop_after_shards)
             if s is None or run is None:
                 return
+            rate = s.records_per_s_this_run
             metrics = {
+                # the whole output (data/score/scores.jsonl), resumed shards included
                 "records": total, "scored": s.records, "rejected": rejects.count,
-                "answer_items": s.items - s.records, "processes": s.processes,
-                "shards": s.shards, "shards_resumed": s.shards_resumed, "seconds": round(s.seconds, 1),
-                "records_per_s": round(s.records / s.scored_seconds, 2) if s.scored_seconds else None,
+                "answer_items": s.answer_items, "shards": s.shards, "shards_resumed": s.shards_resumed,
+                "processes": s.processes, "seconds": round(s.seconds, 1),
+                # what this run scored, over all processes (model loading excluded)
+                "scored_this_run": s.records_this_run, "items_this_run": s.items_this_run,
+                "scoring_seconds_this_run": round(s.scoring_seconds_this_run, 1),
+                "records_per_s_this_run": round(rate, 2) if rate is not None else None,
             }
             if p.oracle and Path(p.oracle).is_file():  # demo diagnosis only; scores do not use it
                 metrics["defect_auroc"] = defect_auroc(read_scores(out_dir / "scores.jsonl"), p.oracle)
             run.log_metrics(metrics)
-        log.info("scored %s records (%s rejected) in %.0f s, %s rec/s over %d process(es) -> %s",
-                 f"{s.records:,}", f"{rejects.count:,}", s.seconds, metrics["records_per_s"],
-                 s.processes, out_dir / "scores.jsonl")
+        log.info("%s records scored (%s rejected) -> %s; this run scored %s in %.0f s (%s rec/s) over %d "
+                 "process(es), %d of %d shards resumed", f"{s.records:,}", f"{rejects.count:,}",
+                 out_dir / "scores.jsonl", f"{s.records_this_run:,}", s.scoring_seconds_this_run,
+                 "n/a" if rate is None else f"{rate:.1f}", s.processes, s.shards_resumed, s.shards)
 
 
 if __name__ == "__main__":
