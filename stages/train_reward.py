@@ -57,7 +57,7 @@ def main(params_file: Path, metrics_dir: Path, verbose: bool, pairs: Path, out_d
                     writer.writerows(res.curve)
                 run.log_metrics({
                     f"{kind}_val_pairwise_accuracy": res.val_accuracy,
-                    f"{kind}_val_pairwise_accuracy_before": res.val_accuracy_initial,
+                    f"{kind}_val_length_baseline_accuracy": res.val_length_baseline,
                     f"{kind}_train_pairs": res.train_pairs,
                     f"{kind}_corruption_pairs": res.augmented_pairs,
                     f"{kind}_val_pairs": res.val_pairs,
@@ -66,8 +66,8 @@ def main(params_file: Path, metrics_dir: Path, verbose: bool, pairs: Path, out_d
                     f"{kind}_train_seconds": round(res.seconds, 1),
                     f"{kind}_trainable_params": res.trainable_params,
                 })
-                log.info("%s RM: val pairwise accuracy %s (%s before) on %s pairs; %d steps in %.0f s -> %s",
-                         kind, _fmt(res.val_accuracy), _fmt(res.val_accuracy_initial), f"{res.val_pairs:,}",
+                log.info("%s RM: val pairwise accuracy %s (longer text wins: %s) on %s pairs; %d steps in %.0f s -> %s",
+                         kind, _fmt(res.val_accuracy), _fmt(res.val_length_baseline), f"{res.val_pairs:,}",
                          res.steps, res.seconds, out_dir / kind)
 
 

@@ -134,7 +134,8 @@ def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> flo
 class TrainResult:
     kind: str
     val_accuracy: float | None  # None without validation pairs
-    val_accuracy_initial: float | None
+    # The same pairs ranked by length alone (the longer text wins): what the RM must beat.
+    val_length_baseline: float | None
     train_pairs: int
     augmented_pairs: int
     val_pairs: int
@@ -169,6 +170,11 @@ class _PairData:
             self.index[key] = len(self.items)
             self.items.append((encoder.ids(text, image is not None), image))
         return self.index[key]
+
+    def length_baseline(self) -> float:
+        """Pairwise accuracy of "the longer text wins", lengths in tokens as the RM reads them."""
+        n = [len(ids) for ids, _ in self.items]
+        return pairwise_accuracy([n[c] for c, _ in self.pairs], [n[r] for _, r in self.pairs])
 
     def packs(self, pairs_per_pack: int, seed: int) -> list[list[int]]:
         """Whole groups packed into batches of about `pairs_per_pack` pairs (seeded order).
@@ -311,9 +317,9 @@ def train_reward_model(
                               num_training_steps=total * n_proc)
     model, optimizer, loader, scheduler = accelerator.prepare(rm, optimizer, loader, scheduler)
     eval_every = params.eval_steps or per_epoch
-    acc0 = _evaluate(rm, val_data, val_cache, encoder, params.per_device_eval_batch_size, device) if val else None
-    if acc0 is not None:
-        log.info("%s RM: val pairwise accuracy before training %.3f", kind, acc0)
+    length_acc = val_data.length_baseline() if val else None
+    if length_acc is not None:
+        log.info("%s RM: val pairwise accuracy of the longer text %.3f (the baseline to beat)", kind, length_acc)
     curve: list[dict[str, Any]] = []
     step, loss_sum, loss_n, last_loss = 0, 0.0, 0, float("nan")
     model.train()
@@ -359,5 +365,5 @@ def train_reward_model(
         save_reward_model(accelerator.unwrap_model(model), out_dir, kind=kind, backbone=str(base_model),
                           max_length=params.max_length)
     accelerator.wait_for_everyone()
-    return TrainResult(kind, acc, acc0, len(train), len(aug), len(val), step, last_loss,
+    return TrainResult(kind, acc, length_acc, len(train), len(aug), len(val), step, last_loss,
                        time.time() - t0, curve, n_train, accelerator.unwrap_model(model), encoder)
