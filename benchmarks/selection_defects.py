@@ -1,7 +1,7 @@
 """What the selection kept, by the demo oracle: defect rates in the pool vs the selected set.
 
-    python benchmarks/selection_defects.py                       # data/select/selected.json
-    python benchmarks/selection_defects.py --selected data/restyle/curated.json
+    python -m benchmarks.selection_defects                       # data/select/selected.json
+    python -m benchmarks.selection_defects --selected data/restyle/curated.json
 
 Demo only: data/synthesize/oracle.jsonl records which defects the generator put in each pool
 record (the pipeline never reads it). A record counts once per defect type it carries;
@@ -10,13 +10,10 @@ record (the pipeline never reads it). A record counts once per defect type it ca
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from pathlib import Path
 
 import click
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from align2llava.ops.clikit import user_errors
 
