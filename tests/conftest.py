@@ -9,7 +9,7 @@ import pytest
 # the tiny records and images the tests build (in the library, so benchmarks use them too)
 from align2llava.models.build import llava_record, make_image
 
-__all__ = ["ROOT", "TINY_WORLD", "llava_record", "make_image"]
+__all__ = ["ROOT", "TINY_WORLD", "assert_summary_keys", "llava_record", "make_image"]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,3 +53,12 @@ def image_root(tmp_path) -> Path:
     make_image(root / "a.png")
     make_image(root / "b.png", color=(30, 30, 200))
     return root
+
+
+def assert_summary_keys(metrics: dict, stage: str, absent: frozenset[str] = frozenset()) -> None:
+    """Every figure `align2llava summary` prints for `stage` is in the stage's metrics, except
+    `absent` ones the test's fixture cannot produce."""
+    from align2llava.ops.summary import HEADLINES, _get
+
+    missing = {key for _, key in HEADLINES[stage] if _get(metrics, key) is None}
+    assert missing == set(absent), f"{stage}: summary keys missing from its metrics: {sorted(missing)}"

@@ -26,7 +26,7 @@ from align2llava.steps.evaluation.evaluation import (
     vqa_accuracy,
     yes_no,
 )
-from tests.conftest import ROOT, llava_record
+from tests.conftest import ROOT, assert_summary_keys, llava_record
 
 
 def test_normalize():
@@ -176,6 +176,7 @@ def test_stage_cli(tiny_llava, image_root, tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["--params", "params.yaml", "--model", str(tiny_llava), "--eval-file", str(eval_file)])
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    assert_summary_keys(metrics, "evaluate")
     for key in ("benchmark_accuracy", "benchmark_accuracy_shape", "benchmark_accuracy_color",
                 "benchmark_accuracy_yes_no", "pope_accuracy", "pope_f1", "pope_yes_ratio",
                 "eval_exact_match", "eval_vqa_accuracy", "eval_seconds", "peak_rss_mb"):

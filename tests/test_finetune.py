@@ -23,7 +23,7 @@ from align2llava.steps.finetune.train import (
     last_checkpoint,
     prepare_checkpoint_dir,
 )
-from tests.conftest import llava_record
+from tests.conftest import assert_summary_keys, llava_record
 
 TURNS = [("What color is the shape?", "It is red."), ("Is there a shape?", "Yes.")]
 
@@ -262,6 +262,7 @@ def test_stage_cli(tiny_llava, train_data, image_root, tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["--params", str(params), "--data", str(train_data)])
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "metrics" / "finetune.json").read_text())
+    assert_summary_keys(metrics, "finetune")
     for key in ("train_loss", "first_loss", "final_loss", "train_seconds", "tokens_per_second",
                 "peak_rss_mb", "steps", "train_records", "trainable_params"):
         assert key in metrics

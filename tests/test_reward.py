@@ -25,6 +25,7 @@ from align2llava.steps.reward_training.train import (
     pairwise_accuracy,
     train_reward_model,
 )
+from tests.conftest import assert_summary_keys
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -270,6 +271,7 @@ def test_stage_trains_both_models(tiny_llava, image_root, tmp_path, monkeypatch)
     res = CliRunner().invoke(main, ["--pairs", "pairs.jsonl"])
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "metrics/train_reward.json").read_text())
+    assert_summary_keys(metrics, "train_reward")
     for kind in ("question", "answer"):
         # 8 groups, every 4th held out: 2 val groups; 4 answer pairs or 1 question pair a group
         per_group = 4 if kind == "answer" else 1

@@ -22,7 +22,7 @@ from align2llava.steps.scoring import (
     score_pool,
     score_records,
 )
-from tests.conftest import ROOT, llava_record, make_image
+from tests.conftest import ROOT, assert_summary_keys, llava_record, make_image
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -239,6 +239,7 @@ def test_stage_writes_scores_rejects_and_metrics(tiny_rms, tmp_path, monkeypatch
     rejects = (tmp_path / "data/score/rejects.jsonl").read_text().splitlines()
     assert len(rejects) == 1 and "empty" in json.loads(rejects[0])["reason"]
     m = json.loads((tmp_path / "metrics/score.json").read_text())
+    assert_summary_keys(m, "score")
     good = [r for r in recs if r["id"] != "r05"]
     assert m["records"] == 12 and m["scored"] == 11 and m["rejected"] == 1
     assert m["answer_items"] == answer_candidates(good) == sum(len(t["scores"]) for r in rows for t in r["turns"])
