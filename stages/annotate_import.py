@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 @click.command(context_settings=CONTEXT)
 @stage_options("annotate_import")
-@click.option("--out-dir", default=Path("data/annotate_import"), show_default=True, type=click.Path(path_type=Path), help="Where pairs.jsonl and rejects.jsonl go.")
+@click.option("--out-dir", metavar="DIR", default=Path("data/annotate_import"), show_default=True, type=click.Path(path_type=Path), help="Where pairs.jsonl and rejects.jsonl go.")
 def main(params_file: Path, metrics_dir: Path, verbose: bool, out_dir: Path) -> None:
     """Import human preference annotations as reward-model training pairs."""
     setup_logging(verbose)

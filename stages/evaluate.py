@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 @stage_options("evaluate")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default="models/finetune", show_default=True, help="The model to evaluate (HF layout).")
 @click.option("--eval-file", type=click.Path(path_type=Path), help="A LLaVA-format file with gold answers (overrides evaluate.eval_file).")
-@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("data/evaluate"), show_default=True, help="Where predictions.jsonl and rejects.jsonl go.")
+@click.option("--out-dir", metavar="DIR", type=click.Path(path_type=Path), default=Path("data/evaluate"), show_default=True, help="Where predictions.jsonl and rejects.jsonl go.")
 def main(params_file: Path, metrics_dir: Path, verbose: bool, model_dir: Path, eval_file: Path | None, out_dir: Path) -> None:
     """Answer every benchmark question with batched greedy generation and score the answers.
 

@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 @click.command(context_settings=CONTEXT)
 @stage_options("finetune")
 @click.option("--data", type=click.Path(path_type=Path), default="data/restyle/curated.json", show_default=True, help="Training records (LLaVA JSON); images resolve under base.image_root.")
-@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("models/finetune"), show_default=True, help="Where the merged model is saved (HF layout).")
-@click.option("--plots-dir", type=click.Path(path_type=Path), default=Path("plots/finetune"), show_default=True, help="Where steps.csv (step, loss) goes.")
+@click.option("--out-dir", metavar="DIR", type=click.Path(path_type=Path), default=Path("models/finetune"), show_default=True, help="Where the merged model is saved (HF layout).")
+@click.option("--plots-dir", metavar="DIR", type=click.Path(path_type=Path), default=Path("plots/finetune"), show_default=True, help="Where steps.csv (step, loss) goes.")
 def main(params_file: Path, metrics_dir: Path, verbose: bool, data: Path, out_dir: Path, plots_dir: Path) -> None:
     """Fine-tune base.base_model on DATA: loss on assistant turns only, LoRA or full.
 

@@ -25,11 +25,11 @@ log = logging.getLogger(__name__)
               show_default=True, help="Captions JSONL ({\"id\", \"image\", \"caption\"}).")
 @click.option("--image-root", type=click.Path(path_type=Path), default=Path("data/synthesize/images"),
               show_default=True, help="Folder the captions' image paths are relative to.")
-@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("models/pretrain"),
+@click.option("--out-dir", metavar="DIR", type=click.Path(path_type=Path), default=Path("models/pretrain"),
               show_default=True, help="Where the model is saved (HF layout).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+@click.option("--cache-dir", metavar="DIR", type=click.Path(path_type=Path), default=None,
               help="Where SmolLM2's GGUF is converted to safetensors once [default: <repo>/.cache/smollm2].")
-@click.option("--plots-dir", type=click.Path(path_type=Path), default=Path("plots/pretrain"), show_default=True,
+@click.option("--plots-dir", metavar="DIR", type=click.Path(path_type=Path), default=Path("plots/pretrain"), show_default=True,
               help="Where steps.csv and warmup.csv (step, loss) go.")
 def main(params_file: Path, metrics_dir: Path, verbose: bool, captions: Path, image_root: Path, out_dir: Path,
          cache_dir: Path | None, plots_dir: Path) -> None:

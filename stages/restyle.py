@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 @click.command(context_settings=CONTEXT)
 @stage_options("restyle")
 @click.option("--selected", default="data/select/selected.json", show_default=True, type=click.Path(path_type=Path), help="The selection written by the `select` stage.")
-@click.option("--out-dir", default=Path("data/restyle"), show_default=True, type=click.Path(path_type=Path), help="Where curated.json and log.jsonl go.")
+@click.option("--out-dir", metavar="DIR", default=Path("data/restyle"), show_default=True, type=click.Path(path_type=Path), help="Where curated.json and log.jsonl go.")
 def main(params_file: Path, metrics_dir: Path, verbose: bool, selected: Path, out_dir: Path) -> None:
     """Rewrite and review the selected answers with the inner LLM (base.base_model)."""
     setup_logging(verbose)

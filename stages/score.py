@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @click.command(context_settings=CONTEXT)
 @stage_options("score")
-@click.option("--out-dir", default=Path("data/score"), show_default=True, type=click.Path(path_type=Path), help="Where scores.jsonl and rejects.jsonl go.")
+@click.option("--out-dir", metavar="DIR", default=Path("data/score"), show_default=True, type=click.Path(path_type=Path), help="Where scores.jsonl and rejects.jsonl go.")
 @click.option("--stop-after-shards", type=int, default=None, hidden=True, help="Stop after N new shards (tests resuming).")
 def main(params_file: Path, metrics_dir: Path, verbose: bool, out_dir: Path, stop_after_shards: int | None) -> None:
     """Score every pool record with the question and answer reward models."""

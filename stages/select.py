@@ -20,8 +20,8 @@ log = logging.getLogger(__name__)
 @click.command(context_settings=CONTEXT)
 @stage_options("select")
 @click.option("--scores", default="data/score/scores.jsonl", show_default=True, type=click.Path(path_type=Path), help="Score sidecar written by the `score` stage.")
-@click.option("--out-dir", default=Path("data/select"), show_default=True, type=click.Path(path_type=Path), help="Where selected.json and audit.jsonl go.")
-@click.option("--plots-dir", default=Path("plots/select"), show_default=True, type=click.Path(path_type=Path), help="Where funnel.csv and histogram.csv go.")
+@click.option("--out-dir", metavar="DIR", default=Path("data/select"), show_default=True, type=click.Path(path_type=Path), help="Where selected.json and audit.jsonl go.")
+@click.option("--plots-dir", metavar="DIR", default=Path("plots/select"), show_default=True, type=click.Path(path_type=Path), help="Where funnel.csv and histogram.csv go.")
 def main(params_file: Path, metrics_dir: Path, verbose: bool, scores: Path, out_dir: Path, plots_dir: Path) -> None:
     """Select the curated subset of the pool (base.pool) from its reward scores."""
     setup_logging(verbose)

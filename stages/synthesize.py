@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 @click.command(context_settings=CONTEXT)
 @stage_options("synthesize")
-@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("data/synthesize"),
+@click.option("--out-dir", metavar="DIR", type=click.Path(path_type=Path), default=Path("data/synthesize"),
               show_default=True, help="Where images/, pool.json, oracle.jsonl, captions.jsonl, annotations/ and benchmark/ go.")
 @click.option("--source", type=click.Path(path_type=Path), default=None,
               help="An easy-vqa data folder (train/ and test/); default: the installed package's.")

@@ -28,8 +28,8 @@ log = logging.getLogger(__name__)
 @click.command(context_settings=CONTEXT)
 @stage_options("train_reward")
 @click.option("--pairs", default="data/annotate_import/pairs.jsonl", show_default=True, type=click.Path(path_type=Path), help="Preference pairs from annotate-import.")
-@click.option("--out-dir", default=Path("models/train_reward"), show_default=True, type=click.Path(path_type=Path), help="One sub-folder per reward model.")
-@click.option("--plots-dir", default=Path("plots/train_reward"), show_default=True, type=click.Path(path_type=Path), help="Loss / accuracy curves, one CSV per reward model.")
+@click.option("--out-dir", metavar="DIR", default=Path("models/train_reward"), show_default=True, type=click.Path(path_type=Path), help="One sub-folder per reward model.")
+@click.option("--plots-dir", metavar="DIR", default=Path("plots/train_reward"), show_default=True, type=click.Path(path_type=Path), help="Loss / accuracy curves, one CSV per reward model.")
 def main(params_file: Path, metrics_dir: Path, verbose: bool, pairs: Path, out_dir: Path, plots_dir: Path) -> None:
     """Train the question and answer reward models (Bradley-Terry, LoRA or frozen LLM)."""
     setup_logging(verbose)

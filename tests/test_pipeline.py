@@ -98,7 +98,7 @@ def test_stage_help(name):
     assert "Usage:" in res.output and len(res.output.splitlines()) > 3
 
 
-SHARED_OPTIONS = ["--params", "--metrics-dir", "-v, --verbose", "-h, --help", "--out-dir"]
+SHARED_OPTIONS = ["--params FILE", "--metrics-dir DIR", "-v, --verbose", "-h, --help", "--out-dir DIR"]
 
 
 @pytest.mark.parametrize("name", sorted(pipeline()))

@@ -32,10 +32,10 @@ def stage_options(section: str) -> Callable[[Callable[..., Any]], Callable[..., 
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         f = click.option("-v", "--verbose", is_flag=True, help="Debug logging.")(f)
-        f = click.option("--metrics-dir", type=click.Path(path_type=Path), default=Path("metrics"),
+        f = click.option("--metrics-dir", type=click.Path(path_type=Path), default=Path("metrics"), metavar="DIR",
                          show_default=True, help=f"Where {section}.json goes (what DVC reads).")(f)
         f = click.option("--params", "params_file", type=click.Path(path_type=Path), default=Path(PARAMS_FILE),
-                         show_default=True, help=f"The params file (sections `base` and `{section}`).")(f)
+                         metavar="FILE", show_default=True, help=f"The params file (sections `base` and `{section}`).")(f)
         return f
 
     return decorate
