@@ -52,12 +52,13 @@ FORMATS = ("align2llava", "labelstudio", "table")
 class AnnotateImportParams(Section):
     """The `annotate_import` section of params.yaml."""
 
-    # align2llava: `questions` + `answers` files (null: skip that kind); labelstudio / table:
-    # the `input` file. Defaults: the demo's simulated annotations (params.yaml's values).
+    # align2llava: `questions` + `answers` files (null: none of that kind); labelstudio / table:
+    # the `input` file. No default file: params.yaml names the demo's, and a key left out must
+    # not read the demo's annotations into a user's pairs.
     format: Literal["align2llava", "labelstudio", "table"] = "align2llava"
-    questions: str | None = "data/synthesize/annotations/question.json"
-    answers: str | None = "data/synthesize/annotations/answer.json"
-    input: str | None = "data/synthesize/annotations/labelstudio.json"
+    questions: str | None = None
+    answers: str | None = None
+    input: str | None = None
     # Label Studio rating scale: 1..rating_max maps to [0, 1].
     rating_max: int = Field(5, ge=2)
     # Fraction of images (with all their pairs) held out for validation.
