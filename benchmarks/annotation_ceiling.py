@@ -1,6 +1,6 @@
 """How well a perfect reader of the demo's rubric would do on the reward-model pairs.
 
-    python benchmarks/annotation_ceiling.py            # params.yaml's synthesize section
+    python -m benchmarks.annotation_ceiling            # params.yaml's synthesize section
 
 The demo's annotations are the rubric's score plus annotator noise (one 0.25 slip with
 probability `synthesize.annotator_noise`). This rebuilds the demo world in a temporary folder,
@@ -12,13 +12,10 @@ annotations' noise, rather than the model, caps validation accuracy. Demo world 
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
 import click
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from align2llava.ops.clikit import setup_logging, user_errors
 

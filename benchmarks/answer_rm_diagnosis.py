@@ -1,7 +1,7 @@
 """Why the demo's answer RM misses hallucinations: validation pairs by kind of conflict.
 
-    python benchmarks/answer_rm_diagnosis.py                  # demo pairs, answer RM, base
-    python benchmarks/answer_rm_diagnosis.py --limit 60       # quicker look
+    python -m benchmarks.answer_rm_diagnosis                  # demo pairs, answer RM, base
+    python -m benchmarks.answer_rm_diagnosis --limit 60       # quicker look
 
 Demo world only (it knows the easy-vqa colour and shape words and reads the image's true
 colour and shape from its pixels). Every validation answer pair is put in one class: `colour`
@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import click
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from align2llava.demo.synthesis.world import COLORS, SHAPES, measure_image
 from align2llava.demo.synthesis.writer import asserted_words

@@ -1,7 +1,7 @@
 """Does the base MLLM carry the image's colour and shape into the reward models' text positions?
 
-    python benchmarks/grounding_probe.py                    # models/pretrain, 400 pool images
-    python benchmarks/grounding_probe.py --base DIR --images 200
+    python -m benchmarks.grounding_probe                    # models/pretrain, 400 pool images
+    python -m benchmarks.grounding_probe --base DIR --images 200
 
 Demo world only. Each pool image is put through the base's LLM in the answer RM's input format
 (image, a "Question:" line, an "Answer:" line that names no colour or shape), and linear probes
@@ -15,12 +15,9 @@ the adapted layers to compare with the answer's words; chance is 0.125 (colour),
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from align2llava.ops.clikit import setup_logging, user_errors
 

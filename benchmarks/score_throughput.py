@@ -1,8 +1,8 @@
 """Scoring throughput: batched with length bucketing vs one record at a time, same records.
 
-    python benchmarks/score_throughput.py                 # the demo's reward models and pool
-    python benchmarks/score_throughput.py --records 256 --batch-size 64
-    python benchmarks/score_throughput.py --tiny          # tiny random models, a few seconds
+    python -m benchmarks.score_throughput                 # the demo's reward models and pool
+    python -m benchmarks.score_throughput --records 256 --batch-size 64
+    python -m benchmarks.score_throughput --tiny          # tiny random models, a quick check
 
 Prints records/s and items/s (one item = one reward-model forward of one text) for both ways,
 the speed-up, and the largest score difference between them: float noise in float32; with bf16
@@ -13,14 +13,11 @@ score.dtype float32 where scores must not depend on the batch.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import click
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from align2llava.ops.clikit import setup_logging, user_errors
 
@@ -28,10 +25,9 @@ from align2llava.ops.clikit import setup_logging, user_errors
 def _tiny_setup(tmp: Path) -> tuple[Path, Path, Path, list[dict]]:
     import torch
 
-    from align2llava.models.build import build_tiny_llava
+    from align2llava.models.build import build_tiny_llava, llava_record, make_image
     from align2llava.models.reward_model import save_reward_model
     from align2llava.steps.reward_training.train import TrainRewardParams, build_reward_model
-    from tests.conftest import llava_record, make_image
 
     base = build_tiny_llava(tmp / "base")
     params = TrainRewardParams(lora_r=4, lora_alpha=8, layers_to_transform=[-1], train_projector=False,

@@ -1,7 +1,7 @@
 """What the selection kept, by the demo oracle: defect rates in the pool vs the selected set.
 
-    python benchmarks/selection_defects.py                       # data/select/selected.json
-    python benchmarks/selection_defects.py --selected data/restyle/curated.json
+    python -m benchmarks.selection_defects                       # data/select/selected.json
+    python -m benchmarks.selection_defects --selected data/restyle/curated.json
 
 Demo only: data/synthesize/oracle.jsonl records which defects the generator put in each pool
 record (no method stage reads it). A record counts once per defect type it carries; `clean` is
@@ -12,12 +12,9 @@ this script prints them for any selected or curated file.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from align2llava.ops.clikit import user_errors
 

@@ -3,6 +3,8 @@
 Reads the files named in params.yaml `annotate_import` (the paper's released question/answer
 files, a Label Studio export or a plain table), writes data/annotate_import/pairs.jsonl and
 rejects.jsonl (docs/formats.md) and metrics/annotate_import.json.
+
+    python -m stages.annotate_import            # reads params.yaml (base, annotate_import)
 """
 
 from __future__ import annotations
@@ -14,25 +16,25 @@ from pathlib import Path
 import click
 
 from align2llava.config import load_base, load_section
-from align2llava.ops.clikit import setup_logging, user_errors
+from align2llava.ops.clikit import CONTEXT, setup_logging, stage_options, user_errors
 from align2llava.ops.tracking import stage_run
 from align2llava.steps.annotations.importer import AnnotateImportParams, import_annotations
 
-log = logging.getLogger("annotate_import")
-OUT_DIR = Path("data/annotate_import")
+log = logging.getLogger(__name__)
 
 
-@click.command()
-@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(path_type=Path), help="The params file.")
-@click.option("--out-dir", default=OUT_DIR, show_default=True, type=click.Path(path_type=Path), help="Where pairs.jsonl and rejects.jsonl go.")
-def main(params_file: Path, out_dir: Path) -> None:
+@click.command(context_settings=CONTEXT)
+@stage_options("annotate_import")
+@click.option("--out-dir", metavar="DIR", default=Path("data/annotate_import"), show_default=True, type=click.Path(path_type=Path), help="Where pairs.jsonl and rejects.jsonl go.")
+def main(params_file: Path, metrics_dir: Path, verbose: bool, out_dir: Path) -> None:
     """Import human preference annotations as reward-model training pairs."""
-    setup_logging()
+    setup_logging(verbose)
     with user_errors():
         base = load_base(params_file)
         p = load_section("annotate_import", AnnotateImportParams, params_file)
         t0 = time.time()
-        with stage_run("annotate_import", {"base": base.model_dump(), "annotate_import": p.model_dump()}) as run:
+        logged = {"base": base.model_dump(), "annotate_import": p.model_dump()}
+        with stage_run("annotate_import", logged, metrics_dir=metrics_dir) as run:
             res = import_annotations(
                 p.format,
                 questions=p.questions,

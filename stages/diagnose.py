@@ -15,19 +15,17 @@ from pathlib import Path
 
 import click
 
-from align2llava.ops.clikit import setup_logging, user_errors
+from align2llava.ops.clikit import CONTEXT, setup_logging, stage_options, user_errors
 
-log = logging.getLogger("stages.diagnose")
+log = logging.getLogger(__name__)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(path_type=Path), help="The params file to read (sections base and diagnose).")
+@click.command(context_settings=CONTEXT)
+@stage_options("diagnose")
 @click.option("--scores", default="data/score/scores.jsonl", show_default=True, type=click.Path(path_type=Path), help="Score sidecar written by the `score` stage.")
 @click.option("--selected", default="data/select/selected.json", show_default=True, type=click.Path(path_type=Path), help="The selected records (`select` stage).")
 @click.option("--audit", default="data/select/audit.jsonl", show_default=True, type=click.Path(path_type=Path), help="The selection audit (`select` stage).")
-@click.option("--metrics-dir", default="metrics", show_default=True, type=click.Path(path_type=Path), help="Where diagnose.json goes.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(params_file: Path, scores: Path, selected: Path, audit: Path, metrics_dir: Path, verbose: bool) -> None:
+def main(params_file: Path, metrics_dir: Path, verbose: bool, scores: Path, selected: Path, audit: Path) -> None:
     """Demo diagnostics: defect AUROC of the scores, oracle defect rates of pool vs selected."""
     setup_logging(verbose)
     with user_errors():

@@ -8,24 +8,22 @@ from pathlib import Path
 
 import click
 
-from align2llava.config import PARAMS_FILE, load_base, load_section
+from align2llava.config import load_base, load_section
 from align2llava.data.io import write_jsonl
 from align2llava.data.rejects import Rejects
-from align2llava.ops.clikit import setup_logging, user_errors
+from align2llava.ops.clikit import CONTEXT, setup_logging, stage_options, user_errors
 from align2llava.ops.tracking import stage_run
 from align2llava.steps.evaluation.evaluation import EvaluateParams, evaluate
 
-log = logging.getLogger("stages.evaluate")
+log = logging.getLogger(__name__)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--params", "params_file", type=click.Path(path_type=Path), default=PARAMS_FILE, show_default=True, help="The params file (sections `base` and `evaluate`).")
+@click.command(context_settings=CONTEXT)
+@stage_options("evaluate")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), default="models/finetune", show_default=True, help="The model to evaluate (HF layout).")
 @click.option("--eval-file", type=click.Path(path_type=Path), help="A LLaVA-format file with gold answers (overrides evaluate.eval_file).")
-@click.option("--out", type=click.Path(path_type=Path), default="data/evaluate", show_default=True, help="Folder for predictions.jsonl and rejects.jsonl.")
-@click.option("--metrics-dir", type=click.Path(path_type=Path), default="metrics", show_default=True)
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(params_file: Path, model_dir: Path, eval_file: Path | None, out: Path, metrics_dir: Path, verbose: bool) -> None:
+@click.option("--out-dir", metavar="DIR", type=click.Path(path_type=Path), default=Path("data/evaluate"), show_default=True, help="Where predictions.jsonl and rejects.jsonl go.")
+def main(params_file: Path, metrics_dir: Path, verbose: bool, model_dir: Path, eval_file: Path | None, out_dir: Path) -> None:
     """Answer every benchmark question with batched greedy generation and score the answers.
 
     Metrics: benchmark_accuracy (+ per type), pope_accuracy/f1/yes_ratio, and eval_exact_match,
@@ -40,11 +38,11 @@ def main(params_file: Path, model_dir: Path, eval_file: Path | None, out: Path, 
         logged = {"base": base.model_dump(), "evaluate": params.model_dump()}
         with stage_run("evaluate", logged, metrics_dir=metrics_dir) as run:
             result = evaluate(params, model_dir=model_dir, image_root=base.image_root, dtype=base.dtype)
-            write_jsonl(result.predictions, out / "predictions.jsonl")
-            (result.rejects or Rejects(str(params.eval_file), params.reject_budget)).write(out / "rejects.jsonl")
+            write_jsonl(result.predictions, out_dir / "predictions.jsonl")
+            (result.rejects or Rejects(str(params.eval_file), params.reject_budget)).write(out_dir / "rejects.jsonl")
             run.log_metrics(result.metrics)
     shown = {k: v for k, v in result.metrics.items() if k.endswith(("accuracy", "f1", "yes_ratio", "match"))}
-    log.info("predictions -> %s; %s", out / "predictions.jsonl", ", ".join(f"{k}={v}" for k, v in shown.items()))
+    log.info("predictions -> %s; %s", out_dir / "predictions.jsonl", ", ".join(f"{k}={v}" for k, v in shown.items()))
 
 
 if __name__ == "__main__":

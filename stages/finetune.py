@@ -12,23 +12,21 @@ from pathlib import Path
 
 import click
 
-from align2llava.config import PARAMS_FILE, load_base, load_section
+from align2llava.config import load_base, load_section
 from align2llava.models.runtime import process_state
-from align2llava.ops.clikit import setup_logging, user_errors
+from align2llava.ops.clikit import CONTEXT, setup_logging, stage_options, user_errors
 from align2llava.ops.tracking import stage_run
 from align2llava.steps.finetune.train import FinetuneParams, finetune, write_steps_csv
 
-log = logging.getLogger("stages.finetune")
+log = logging.getLogger(__name__)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--params", "params_file", type=click.Path(path_type=Path), default=PARAMS_FILE, show_default=True, help="The params file (sections `base` and `finetune`).")
+@click.command(context_settings=CONTEXT)
+@stage_options("finetune")
 @click.option("--data", type=click.Path(path_type=Path), default="data/restyle/curated.json", show_default=True, help="Training records (LLaVA JSON); images resolve under base.image_root.")
-@click.option("--out", type=click.Path(path_type=Path), default="models/finetune", show_default=True, help="Where the merged model is saved (HF layout).")
-@click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default="plots/finetune", show_default=True, help="Folder for steps.csv (step,loss).")
-@click.option("--metrics-dir", type=click.Path(path_type=Path), default="metrics", show_default=True)
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(params_file: Path, data: Path, out: Path, plots_dir: Path, metrics_dir: Path, verbose: bool) -> None:
+@click.option("--out-dir", metavar="DIR", type=click.Path(path_type=Path), default=Path("models/finetune"), show_default=True, help="Where the merged model is saved (HF layout).")
+@click.option("--plots-dir", metavar="DIR", type=click.Path(path_type=Path), default=Path("plots/finetune"), show_default=True, help="Where steps.csv (step, loss) goes.")
+def main(params_file: Path, metrics_dir: Path, verbose: bool, data: Path, out_dir: Path, plots_dir: Path) -> None:
     """Fine-tune base.base_model on DATA: loss on assistant turns only, LoRA or full.
 
     Checkpoints go to finetune.checkpoint_dir and an interrupted run resumes from the last one.
@@ -46,14 +44,14 @@ def main(params_file: Path, data: Path, out: Path, plots_dir: Path, metrics_dir:
                 base_model=base.base_model,
                 data=data,
                 image_root=base.image_root,
-                out_dir=out,
+                out_dir=out_dir,
                 dtype=base.dtype,
                 on_step=(lambda step, values: run.log_step(values, step)) if is_main else None,
             )
             if is_main:
                 write_steps_csv(result.steps, plots_dir / "steps.csv")
                 run.log_metrics(result.metrics)
-                log.info("model -> %s, loss curve -> %s", out, plots_dir / "steps.csv")
+                log.info("model -> %s, loss curve -> %s", out_dir, plots_dir / "steps.csv")
 
 
 if __name__ == "__main__":

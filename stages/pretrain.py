@@ -11,31 +11,30 @@ from pathlib import Path
 
 import click
 
-from align2llava.config import PARAMS_FILE, load_base, load_section
+from align2llava.config import load_base, load_section
 from align2llava.demo.pretrain.pretrain import PretrainParams, pretrain
-from align2llava.ops.clikit import setup_logging, user_errors
+from align2llava.ops.clikit import CONTEXT, setup_logging, stage_options, user_errors
 from align2llava.ops.tracking import repo_root, stage_run
 
-log = logging.getLogger("stages.pretrain")
+log = logging.getLogger(__name__)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--params", "params_file", type=click.Path(path_type=Path), default=PARAMS_FILE,
-              show_default=True, help="The params file (sections `base` and `pretrain`).")
+@click.command(context_settings=CONTEXT)
+@stage_options("pretrain")
 @click.option("--captions", type=click.Path(path_type=Path), default=Path("data/synthesize/captions.jsonl"),
               show_default=True, help="Captions JSONL ({\"id\", \"image\", \"caption\"}).")
 @click.option("--image-root", type=click.Path(path_type=Path), default=Path("data/synthesize/images"),
               show_default=True, help="Folder the captions' image paths are relative to.")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("models/pretrain"),
-              show_default=True, help="Output model folder (HF layout).")
-@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+@click.option("--out-dir", metavar="DIR", type=click.Path(path_type=Path), default=Path("models/pretrain"),
+              show_default=True, help="Where the model is saved (HF layout).")
+@click.option("--cache-dir", metavar="DIR", type=click.Path(path_type=Path), default=None,
               help="Where SmolLM2's GGUF is converted to safetensors once [default: <repo>/.cache/smollm2].")
-@click.option("--metrics-dir", type=click.Path(path_type=Path), default=Path("metrics"), show_default=True)
-@click.option("--plots-dir", type=click.Path(path_type=Path), default=Path("plots/pretrain"), show_default=True)
-def main(params_file: Path, captions: Path, image_root: Path, out_dir: Path, cache_dir: Path | None,
-         metrics_dir: Path, plots_dir: Path) -> None:
+@click.option("--plots-dir", metavar="DIR", type=click.Path(path_type=Path), default=Path("plots/pretrain"), show_default=True,
+              help="Where steps.csv and warmup.csv (step, loss) go.")
+def main(params_file: Path, metrics_dir: Path, verbose: bool, captions: Path, image_root: Path, out_dir: Path,
+         cache_dir: Path | None, plots_dir: Path) -> None:
     """Train the vision tower and projector of a LLaVA on captions with the LLM frozen."""
-    setup_logging()
+    setup_logging(verbose)
     with user_errors():
         base = load_base(params_file)
         params = load_section("pretrain", PretrainParams, params_file)

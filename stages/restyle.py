@@ -11,18 +11,16 @@ from pathlib import Path
 
 import click
 
-from align2llava.ops.clikit import setup_logging, user_errors
+from align2llava.ops.clikit import CONTEXT, setup_logging, stage_options, user_errors
 
-log = logging.getLogger("stages.restyle")
+log = logging.getLogger(__name__)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(path_type=Path), help="The params file to read (sections base and restyle).")
+@click.command(context_settings=CONTEXT)
+@stage_options("restyle")
 @click.option("--selected", default="data/select/selected.json", show_default=True, type=click.Path(path_type=Path), help="The selection written by the `select` stage.")
-@click.option("--out-dir", default="data/restyle", show_default=True, type=click.Path(path_type=Path), help="Where curated.json and log.jsonl go.")
-@click.option("--metrics-dir", default="metrics", show_default=True, type=click.Path(path_type=Path), help="Where restyle.json goes.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(params_file: Path, selected: Path, out_dir: Path, metrics_dir: Path, verbose: bool) -> None:
+@click.option("--out-dir", metavar="DIR", default=Path("data/restyle"), show_default=True, type=click.Path(path_type=Path), help="Where curated.json and log.jsonl go.")
+def main(params_file: Path, metrics_dir: Path, verbose: bool, selected: Path, out_dir: Path) -> None:
     """Rewrite and review the selected answers with the inner LLM (base.base_model)."""
     setup_logging(verbose)
     with user_errors():

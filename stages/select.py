@@ -12,19 +12,17 @@ from pathlib import Path
 
 import click
 
-from align2llava.ops.clikit import setup_logging, user_errors
+from align2llava.ops.clikit import CONTEXT, setup_logging, stage_options, user_errors
 
-log = logging.getLogger("stages.select")
+log = logging.getLogger(__name__)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(path_type=Path), help="The params file to read (sections base and select).")
+@click.command(context_settings=CONTEXT)
+@stage_options("select")
 @click.option("--scores", default="data/score/scores.jsonl", show_default=True, type=click.Path(path_type=Path), help="Score sidecar written by the `score` stage.")
-@click.option("--out-dir", default="data/select", show_default=True, type=click.Path(path_type=Path), help="Where selected.json and audit.jsonl go.")
-@click.option("--plots-dir", default="plots/select", show_default=True, type=click.Path(path_type=Path), help="Where funnel.csv and histogram.csv go.")
-@click.option("--metrics-dir", default="metrics", show_default=True, type=click.Path(path_type=Path), help="Where select.json goes.")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(params_file: Path, scores: Path, out_dir: Path, plots_dir: Path, metrics_dir: Path, verbose: bool) -> None:
+@click.option("--out-dir", metavar="DIR", default=Path("data/select"), show_default=True, type=click.Path(path_type=Path), help="Where selected.json and audit.jsonl go.")
+@click.option("--plots-dir", metavar="DIR", default=Path("plots/select"), show_default=True, type=click.Path(path_type=Path), help="Where funnel.csv and histogram.csv go.")
+def main(params_file: Path, metrics_dir: Path, verbose: bool, scores: Path, out_dir: Path, plots_dir: Path) -> None:
     """Select the curated subset of the pool (base.pool) from its reward scores."""
     setup_logging(verbose)
     with user_errors():

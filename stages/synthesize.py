@@ -11,27 +11,24 @@ from pathlib import Path
 
 import click
 
-from align2llava.config import PARAMS_FILE, load_base, load_section
+from align2llava.config import load_base, load_section
 from align2llava.demo.synthesis.params import SynthesizeParams
 from align2llava.demo.synthesis.synthesize import synthesize
-from align2llava.ops.clikit import setup_logging, user_errors
+from align2llava.ops.clikit import CONTEXT, setup_logging, stage_options, user_errors
 from align2llava.ops.tracking import stage_run
 
-log = logging.getLogger("stages.synthesize")
+log = logging.getLogger(__name__)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--params", "params_file", type=click.Path(path_type=Path), default=PARAMS_FILE,
-              show_default=True, help="The params file (sections `base` and `synthesize`).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("data/synthesize"),
-              show_default=True, help="Output folder.")
+@click.command(context_settings=CONTEXT)
+@stage_options("synthesize")
+@click.option("--out-dir", metavar="DIR", type=click.Path(path_type=Path), default=Path("data/synthesize"),
+              show_default=True, help="Where images/, pool.json, oracle.jsonl, captions.jsonl, annotations/ and benchmark/ go.")
 @click.option("--source", type=click.Path(path_type=Path), default=None,
               help="An easy-vqa data folder (train/ and test/); default: the installed package's.")
-@click.option("--metrics-dir", type=click.Path(path_type=Path), default=Path("metrics"), show_default=True,
-              help="Where metrics/synthesize.json goes.")
-def main(params_file: Path, out_dir: Path, source: Path | None, metrics_dir: Path) -> None:
+def main(params_file: Path, metrics_dir: Path, verbose: bool, out_dir: Path, source: Path | None) -> None:
     """Build the demo's instruction pool, simulated annotations, benchmark and captions."""
-    setup_logging()
+    setup_logging(verbose)
     with user_errors():
         base = load_base(params_file)
         params = load_section("synthesize", SynthesizeParams, params_file)

@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 
+# the tiny records and images the tests build (in the library, so benchmarks use them too)
+from align2llava.models.build import llava_record, make_image
+
+__all__ = ["ROOT", "TINY_WORLD", "assert_summary_keys", "llava_record", "make_image"]
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # A demo world small enough for tests (overrides of params.yaml's synthesize section).
@@ -42,38 +47,18 @@ def tiny_llava(tmp_path_factory) -> Path:
     return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava") / "model", seed=0)
 
 
-def make_image(path: Path, color=(200, 30, 30), size=(32, 32), mode="RGB") -> Path:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.new("RGB", size, (240, 240, 240))
-    for x in range(size[0] // 4, 3 * size[0] // 4):
-        for y in range(size[1] // 4, 3 * size[1] // 4):
-            img.putpixel((x, y), color)
-    if mode != "RGB":
-        img = img.convert(mode)
-    img.save(path)
-    return path
-
-
-def llava_record(rid: str, image: str | None = "a.png", task: str | None = None, turns=None):
-    turns = turns or [("What color is the shape?", "It is red.")]
-    convs = []
-    for k, (q, a) in enumerate(turns):
-        if k == 0 and image is not None:
-            q = "<image>\n" + q
-        convs += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
-    rec = {"id": rid, "conversations": convs}
-    if image is not None:
-        rec["image"] = image
-    if task is not None:
-        rec["task"] = task
-    return rec
-
-
 @pytest.fixture
 def image_root(tmp_path) -> Path:
     root = tmp_path / "images"
     make_image(root / "a.png")
     make_image(root / "b.png", color=(30, 30, 200))
     return root
+
+
+def assert_summary_keys(metrics: dict, stage: str, absent: frozenset[str] = frozenset()) -> None:
+    """Every figure `align2llava summary` prints for `stage` is in the stage's metrics, except
+    `absent` ones the test's fixture cannot produce."""
+    from align2llava.ops.summary import HEADLINES, _get
+
+    missing = {key for _, key in HEADLINES[stage] if _get(metrics, key) is None}
+    assert missing == set(absent), f"{stage}: summary keys missing from its metrics: {sorted(missing)}"

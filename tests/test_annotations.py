@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from align2llava.errors import DataError, RejectBudgetExceeded
 from align2llava.steps.annotations.importer import import_annotations, read_pairs, split_images, strict_pairs
 from align2llava.steps.annotations.readers import Group
-from tests.conftest import make_image
+from tests.conftest import assert_summary_keys, make_image
 
 
 def write(path, data):
@@ -253,6 +253,7 @@ def test_stage_writes_pairs_and_metrics(tmp_path, monkeypatch):
     pairs = read_pairs(tmp_path / "data/annotate_import/pairs.jsonl")
     assert len(pairs) == 3
     metrics = json.loads((tmp_path / "metrics/annotate_import.json").read_text())
+    assert_summary_keys(metrics, "annotate_import")
     assert {"pairs_question", "pairs_answer", "ties_dropped", "rejected_rows"} <= set(metrics)
     assert metrics["pairs_question"] == 2 and metrics["ties_dropped"] == 1
     assert metrics["rejected_rows"] == 1

@@ -96,7 +96,32 @@ def test_grounding_probe_runs_on_a_tiny_model(tmp_path, monkeypatch, tiny_llava)
     res = CliRunner().invoke(main, ["--base", str(tiny_llava), "--images", "20", "--layers", "0,2"])
     assert res.exit_code == 0, res.output
     rows = [line.split() for line in res.output.splitlines() if re.match(r"\s*\d+\s+\d\.\d\d", line)]
-    assert [r[0] for r in rows] == ["0", "2"]
-    assert all(0.0 <= float(v) <= 1.0 for r in rows for v in r[1:])
+    assert [r[0] for r in rows] == ["0", "2"] and all(len(r) == 5 for r in rows)
+    # each figure is a share of the held-out images (30% of those probed), printed to 2 places
+    n = int(re.search(r"(\d+) pool images, ", res.output).group(1))
+    held = n - int(n * 0.7)
+    assert 10 <= n <= 20 and f"probe accuracy on {held} held out" in res.output
+    for v in (float(v) for r in rows for v in r[1:]):
+        assert abs(v * held - round(v * held)) <= 0.005 * held and 0 <= round(v * held) <= held
     res = CliRunner().invoke(main, ["--base", str(tiny_llava), "--images", "20", "--layers", "9"])
     assert res.exit_code != 0 and "--layers" in res.output
+
+
+BENCHMARKS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_benchmark_runs_as_a_module_without_path_edits_or_tests(name):
+    """`python -m benchmarks.<name>` from the repo root: no sys.path edits, nothing from tests/."""
+    import ast
+    import importlib
+
+    path = ROOT / "benchmarks" / f"{name}.py"
+    tree = ast.parse(path.read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in imported if m == "tests" or m.startswith("tests.")}, imported
+    assert "sys.path" not in path.read_text()
+    assert f"python -m benchmarks.{name}" in (ast.get_docstring(tree) or "")
+    res = CliRunner().invoke(importlib.import_module(f"benchmarks.{name}").main, ["--help"])
+    assert res.exit_code == 0 and "Usage:" in res.output, res.output

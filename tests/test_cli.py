@@ -87,12 +87,16 @@ def test_summary_prints_headlines_in_pipeline_order_with_cost(tmp_path):
     m.mkdir()
     (m / "evaluate.json").write_text(json.dumps({"benchmark_accuracy": 0.5, "pope_f1": 0.6689,
                                                  "run": {"wall_seconds": 61.2, "peak_rss_mb": 1536.0}}))
-    (m / "train_reward.json").write_text(json.dumps({"question_val_pairwise_accuracy": 0.8141}))
+    (m / "train_reward.json").write_text(json.dumps({"question_val_pairwise_accuracy": 0.8141,
+                                                     "question_val_length_baseline_accuracy": 0.5}))
+    (m / "score.json").write_text(json.dumps({"scored": 1200, "answer_items": 3456, "rejected": 0,
+                                              "records_per_s_this_run": 10.93}))
     (m / "custom.json").write_text(json.dumps({"b": 2, "a": 1.25, "note": "x"}))
     result = CliRunner().invoke(main, ["summary", "--metrics-dir", str(m)])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [
-        "train_reward  question RM val acc 0.814",
+        "train_reward  question RM val acc 0.814, longer-text baseline 0.500",
+        "score         records 1,200, answers 3,456, rejected 0, this run rec/s 10.930",
         "evaluate      benchmark accuracy 0.500, POPE F1 0.669  [61 s, 1.5 GB peak]",
         "custom        a 1.250, b 2",
     ]

@@ -73,3 +73,57 @@ def test_repo_root_inside_dvc_queue_workspace(tmp_path):
     ws = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "run" / "abc"
     assert repo_root(ws) == tmp_path / "proj"
     assert repo_root(tmp_path) == tmp_path
+
+
+def _sections() -> dict[str, type[Section]]:
+    from align2llava.demo.diagnostics import DiagnoseParams
+    from align2llava.demo.pretrain.pretrain import PretrainParams
+    from align2llava.demo.synthesis.params import SynthesizeParams
+    from align2llava.steps.annotations.importer import AnnotateImportParams
+    from align2llava.steps.evaluation.evaluation import EvaluateParams
+    from align2llava.steps.finetune.train import FinetuneParams
+    from align2llava.steps.restyle.restyle import RestyleParams
+    from align2llava.steps.reward_training.train import TrainRewardParams
+    from align2llava.steps.scoring import ScoreParams
+    from align2llava.steps.selection import SelectParams
+
+    return {"base": BaseParams, "synthesize": SynthesizeParams, "pretrain": PretrainParams,
+            "annotate_import": AnnotateImportParams, "train_reward": TrainRewardParams,
+            "score": ScoreParams, "select": SelectParams, "restyle": RestyleParams,
+            "finetune": FinetuneParams, "evaluate": EvaluateParams, "diagnose": DiagnoseParams}
+
+
+def test_every_params_section_has_a_class():
+    from align2llava.config import read_params
+    from tests.conftest import ROOT
+
+    assert set(_sections()) == set(read_params(ROOT / "params.yaml"))
+
+
+# Keys whose params.yaml value is the demo's input file, where null means "none given": the
+# annotation files. A default naming the demo's file would make a params.yaml that leaves the key
+# out read the demo's simulated annotations into the user's pairs without a word (annotate-import
+# reads every file it is given); with null, the kind is skipped or the format's check says
+# "needs an input file". Other repo paths (base.pool, score.question_model, evaluate.vqa_file,
+# ...) are defaults: leaving them out points at the same layout the stages' --out-dir defaults
+# write.
+DEMO_INPUT_FILES = {"annotate_import": {"questions", "answers", "input"}}
+
+
+@pytest.mark.parametrize("name", sorted(_sections()))
+def test_code_defaults_equal_params_yaml(name):
+    """Section() is what params.yaml says, so code that builds a section without the file (a
+    library call, a notebook) gets the demo's values; the paper's settings are comments (params.yaml,
+    the classes, docs/method.md)."""
+    from align2llava.config import parse_section, read_params
+    from tests.conftest import ROOT
+
+    cls = _sections()[name]
+    committed = parse_section(read_params(ROOT / "params.yaml")[name], name, cls)
+    want, got = committed.model_dump(), cls().model_dump()
+    excluded = DEMO_INPUT_FILES.get(name, set())
+    assert all(got[k] is None and want[k] for k in excluded)
+    # json text tells 3 from 3.0 (an int default where params.yaml holds a float)
+    differ = {k: (got[k], want[k]) for k in want if k not in excluded and json.dumps(got[k]) != json.dumps(want[k])}
+    assert differ == {}, f"{name}: (code default, params.yaml value): {differ}"
+    assert cls().model_copy(update={k: want[k] for k in excluded}) == committed

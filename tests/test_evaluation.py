@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from align2llava.errors import DataError, RejectBudgetExceeded
 from align2llava.steps.evaluation.evaluation import (
+    SHORT_ANSWER,
     Item,
     benchmark_metrics,
     extract_answer,
@@ -25,7 +26,7 @@ from align2llava.steps.evaluation.evaluation import (
     vqa_accuracy,
     yes_no,
 )
-from tests.conftest import ROOT, llava_record
+from tests.conftest import ROOT, assert_summary_keys, llava_record
 
 
 def test_normalize():
@@ -136,8 +137,9 @@ def test_batched_generation_equals_one_at_a_time(mllm, image_root):
         Item("2", "vqa", "shape", "Is there a long question about the shape here, yes or no?", ["yes"], "b.png"),
         Item("3", "vqa", "color", "Color?", ["blue"], "b.png"),
     ]
-    batched = generate_answers(model, processor, items, image_root=image_root, batch_size=3, max_new_tokens=6)
-    single = generate_answers(model, processor, items, image_root=image_root, batch_size=1, max_new_tokens=6)
+    kw = dict(image_root=image_root, max_new_tokens=6, instruction=SHORT_ANSWER)
+    batched = generate_answers(model, processor, items, batch_size=3, **kw)
+    single = generate_answers(model, processor, items, batch_size=1, **kw)
     assert batched == single and len(batched) == 3 and any(batched)
 
 
@@ -174,6 +176,7 @@ def test_stage_cli(tiny_llava, image_root, tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["--params", "params.yaml", "--model", str(tiny_llava), "--eval-file", str(eval_file)])
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    assert_summary_keys(metrics, "evaluate")
     for key in ("benchmark_accuracy", "benchmark_accuracy_shape", "benchmark_accuracy_color",
                 "benchmark_accuracy_yes_no", "pope_accuracy", "pope_f1", "pope_yes_ratio",
                 "eval_exact_match", "eval_vqa_accuracy", "eval_seconds", "peak_rss_mb"):

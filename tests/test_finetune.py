@@ -23,7 +23,7 @@ from align2llava.steps.finetune.train import (
     last_checkpoint,
     prepare_checkpoint_dir,
 )
-from tests.conftest import llava_record
+from tests.conftest import assert_summary_keys, llava_record
 
 TURNS = [("What color is the shape?", "It is red."), ("Is there a shape?", "Yes.")]
 
@@ -141,7 +141,7 @@ def _params(tmp_path, **kw) -> FinetuneParams:
     base = dict(
         lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=5e-3, mm_projector_lr=1e-3,
         freeze_mm_mlp_adapter=False, per_device_train_batch_size=4, max_steps=8, warmup_ratio=0.0,
-        lr_scheduler_type="constant", save_steps=100, max_length=256,
+        lr_scheduler_type="constant", save_steps=100, max_length=256, layers_to_transform=None,
         checkpoint_dir=str(tmp_path / "ckpt"),
     )
     return FinetuneParams(**{**base, **kw})
@@ -262,6 +262,7 @@ def test_stage_cli(tiny_llava, train_data, image_root, tmp_path, monkeypatch):
     res = CliRunner().invoke(main, ["--params", str(params), "--data", str(train_data)])
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "metrics" / "finetune.json").read_text())
+    assert_summary_keys(metrics, "finetune")
     for key in ("train_loss", "first_loss", "final_loss", "train_seconds", "tokens_per_second",
                 "peak_rss_mb", "steps", "train_records", "trainable_params"):
         assert key in metrics

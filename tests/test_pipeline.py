@@ -109,6 +109,26 @@ def test_stage_help(name):
     assert "Usage:" in res.output and len(res.output.splitlines()) > 3
 
 
+SHARED_OPTIONS = ["--params FILE", "--metrics-dir DIR", "-v, --verbose", "-h, --help"]
+
+
+@pytest.mark.parametrize("name", sorted(pipeline()))
+def test_stage_help_lists_the_shared_options(name):
+    """Every stage names the same things alike, and logs under its module's name."""
+    mod = importlib.import_module(module_of(name))
+    res = CliRunner().invoke(mod.main, ["-h"])
+    assert res.exit_code == 0, res.output
+    opts = [line.split()[0].rstrip(",") for line in res.output.splitlines() if line.lstrip().startswith("-")]
+    # a stage with outputs beyond its metrics file says where they go with --out-dir
+    for opt in SHARED_OPTIONS + (["--out-dir DIR"] if pipeline()[name].get("outs") else []):
+        assert opt in res.output, f"{name}: --help lacks {opt}"
+    section = name.replace("-", "_")
+    assert f"sections `base` and `{section}`" in res.output and f"Where {section}.json goes" in res.output
+    # outputs are folders named --out-dir / --plots-dir, never --out or --plots
+    assert not {"--out", "--plots", "--output"} & set(opts), opts
+    assert mod.log.name == mod.__name__
+
+
 @pytest.mark.parametrize("name", sorted(pipeline()))
 def test_stage_refuses_unknown_param_key(name, tmp_path):
     section = name.replace("-", "_")
@@ -119,6 +139,20 @@ def test_stage_refuses_unknown_param_key(name, tmp_path):
     res = CliRunner().invoke(mod.main, ["--params", str(tmp_path / "params.yaml")])
     assert res.exit_code == 1
     assert f"unknown key '{section}.no_such_key'" in res.output
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("name", sorted(pipeline()))
+def test_stage_missing_input_is_one_line_error(name, tmp_path, monkeypatch):
+    """Run in a folder holding only params.yaml: the first input it reads is missing."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    mod = importlib.import_module(module_of(name))
+    args = ["--source", str(tmp_path / "no-easy-vqa")] if name == "synthesize" else []
+    res = CliRunner().invoke(mod.main, args)
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith("Error: ") and len(res.output.strip().splitlines()) == 1, res.output
     assert "Traceback" not in res.output
 
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from tests.conftest import ROOT, make_image
+from tests.conftest import ROOT, assert_summary_keys, make_image
 
 COLORS = {"red": (220, 20, 20), "green": (20, 160, 20), "blue": (20, 20, 220)}
 TINY = {
@@ -48,7 +48,7 @@ def _invoke(tmp_path: Path, captions, **section):
 
     cap, images = captions
     args = ["--params", str(_params(tmp_path, **section)), "--captions", str(cap), "--image-root", str(images),
-            "--out", str(tmp_path / "model"), "--metrics-dir", str(tmp_path / "metrics"),
+            "--out-dir", str(tmp_path / "model"), "--metrics-dir", str(tmp_path / "metrics"),
             "--plots-dir", str(tmp_path / "plots")]
     return CliRunner().invoke(main, args)
 
@@ -77,6 +77,8 @@ def test_saved_in_hf_layout_and_reloads(trained):
 
 def test_metrics_and_curves(trained):
     m = json.loads((trained / "metrics" / "pretrain.json").read_text())
+    # the captions here ("A red square.") name no shape word, so no shape accuracy
+    assert_summary_keys(m, "pretrain", absent={"after.generation_accuracy.shape"})
     assert m["passthrough"] == 0
     b, a = m["before"], m["after"]
     for key in ("caption_loss", "caption_loss_shuffled_images", "generation_accuracy"):

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from align2llava.steps.restyle.content import check_content, clean_rewrite
 from align2llava.steps.restyle.llm import InnerLLM, ResponseCache
 from align2llava.steps.restyle.restyle import RestyleParams, collect_turns, restyle
-from tests.conftest import llava_record
+from tests.conftest import assert_summary_keys, llava_record
 
 # ------------------------------------------------------------------------------ content check
 ORIG = "Yes, there is a red circle in the upper left of the image. It is next to a dog."
@@ -188,7 +188,8 @@ def test_cache_makes_reruns_cheap_and_identical(tmp_path):
     again = restyle(_records(), llm2, RestyleParams(), seed=0, cache=cache)
     assert llm2.calls == {"generate": 0, "review": 0, "nll": 0}
     assert again.records == first.records and again.log == first.log
-    assert again.metrics["cache_misses"] == 0 and again.metrics["cache_hits"] > 0
+    assert again.metrics["cache_misses"] == 0
+    assert again.metrics["cache_hits"] == first.metrics["cache_misses"] + first.metrics["cache_hits"] > 0
     # another model, or other generation settings: no hits
     llm3 = FakeLLM(TABLE)
     llm3.fingerprint = "other-model"
@@ -271,6 +272,7 @@ def test_stage_cli_on_tiny_model_and_cached_rerun(tmp_path, tiny_llava):
     log_rows = [json.loads(x) for x in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert len(log_rows) == 5 and {"id", "turn", "original", "rewrite", "verdict", "check", "kept", "reason"} <= set(log_rows[0])
     m = json.loads((tmp_path / "metrics" / "restyle.json").read_text())
+    assert_summary_keys(m, "restyle")
     for key in ("acceptance_rate", "rejections", "nll_before", "nll_after", "turns", "cache_misses"):
         assert key in m
     assert m["turns"] == 5 and math.isfinite(m["nll_before"]) and m["nll_before"] > 0

@@ -25,6 +25,7 @@ from align2llava.steps.reward_training.train import (
     pairwise_accuracy,
     train_reward_model,
 )
+from tests.conftest import assert_summary_keys
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -129,6 +130,19 @@ def test_pair_data_encodes_the_rejected_image_of_a_swap_pair():
     assert len(data.items) == 3
 
 
+def test_length_baseline_ranks_pairs_by_token_count():
+    from align2llava.steps.reward_training.train import _PairData
+
+    class Enc:  # one token per word
+        def ids(self, text, has_image):
+            return text.split()
+
+    pairs = [{"group": "g", "image": "a.png", "prompt": "Q?", "chosen": c, "rejected": r}
+             for c, r in [("a b c", "a"), ("a b", "c d e f"), ("x y", "z w"), ("one two three four", "five")]]
+    # "Question: Q?\nAnswer: " adds the same tokens to both: longer chosen 2, shorter 1, a tie
+    assert _PairData("answer", pairs, Enc()).length_baseline() == (2 + 0.5) / 4
+
+
 def test_pairwise_accuracy_and_last_token():
     import torch
 
@@ -219,7 +233,9 @@ def test_training_learns_saves_and_reloads(method, dtype, tiny_llava, image_root
     assert all(l == l and l < 10 for l in losses)  # finite
     k = max(3, len(losses) // 4)
     assert sum(losses[-k:]) / k < sum(losses[:k]) / k - 0.05
-    assert res.val_accuracy >= 0.9 and res.val_accuracy_initial == 0.5
+    # every chosen answer there is shorter than its rejected one: the length-only ranking is
+    # always wrong, and the RM is not ranking by length
+    assert res.val_accuracy >= 0.9 and res.val_length_baseline == 0.0
     assert res.train_pairs == 72 and res.val_pairs == 24 and res.augmented_pairs > 0
     assert any(r["val_accuracy"] is not None for r in res.curve[:-1])
     after = dict(res.model.named_parameters())
@@ -250,19 +266,29 @@ def test_stage_trains_both_models(tiny_llava, image_root, tmp_path, monkeypatch)
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in _pairs(8)))
     params = {"base": {"seed": 0, "base_model": str(tiny_llava), "image_root": str(image_root)},
               "train_reward": {**TINY, "layers_to_transform": [-1], "train_projector": False,
-                               "num_train_epochs": 1, "learning_rate": 1.0e-2}}
+                               "num_train_epochs": 1, "learning_rate": 1.0e-2, "eval_steps": 0}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     res = CliRunner().invoke(main, ["--pairs", "pairs.jsonl"])
     assert res.exit_code == 0, res.output
     metrics = json.loads((tmp_path / "metrics/train_reward.json").read_text())
+    assert_summary_keys(metrics, "train_reward")
     for kind in ("question", "answer"):
-        assert 0.0 <= metrics[f"{kind}_val_pairwise_accuracy"] <= 1.0
-        assert metrics[f"{kind}_train_pairs"] > 0
+        # 8 groups, every 4th held out: 2 val groups; 4 answer pairs or 1 question pair a group
+        per_group = 4 if kind == "answer" else 1
+        assert metrics[f"{kind}_train_pairs"] == 6 * per_group and metrics[f"{kind}_val_pairs"] == 2 * per_group
         assert (tmp_path / f"models/train_reward/{kind}/reward_config.json").exists()
         with open(tmp_path / f"plots/train_reward/{kind}.csv") as f:
             rows = list(csv.DictReader(f))
         assert rows and list(rows[0]) == ["step", "loss", "val_accuracy"]
-        assert rows[-1]["val_accuracy"] != ""
+        assert [int(r["step"]) for r in rows] == list(range(1, metrics[f"{kind}_steps"] + 1))
+        # the metric is the curve's last validation, a share of the val pairs (ties count half)
+        acc = metrics[f"{kind}_val_pairwise_accuracy"]
+        assert acc == pytest.approx(float(rows[-1]["val_accuracy"]))
+        halves = 2 * acc * metrics[f"{kind}_val_pairs"]
+        assert halves == pytest.approx(round(halves), abs=1e-9)
+        # the question pairs' chosen sets are longer, the answer pairs' chosen answers shorter
+        assert metrics[f"{kind}_val_length_baseline_accuracy"] == (1.0 if kind == "question" else 0.0)
+        assert f"{kind}_val_pairwise_accuracy_before" not in metrics
     (tmp_path / "pairs.jsonl").write_text('{"id": 1}\n')
     res = CliRunner().invoke(main, ["--pairs", "pairs.jsonl"])
     assert res.exit_code == 1 and "lacks keys" in res.output and "Traceback" not in res.output

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -22,7 +21,7 @@ from align2llava.steps.scoring import (
     score_pool,
     score_records,
 )
-from tests.conftest import ROOT, llava_record, make_image
+from tests.conftest import ROOT, assert_summary_keys, llava_record, make_image
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -72,6 +71,20 @@ def pool_records():
     return recs
 
 
+def answer_candidates(recs) -> int:
+    """Candidate answers in `recs` (a gpt turn holds one answer or a list of them)."""
+    return sum(len(t["value"]) if isinstance(t["value"], list) else 1
+               for r in recs for t in r["conversations"] if t["from"] == "gpt")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def params_for(rms, tmp_path, **kw):
     return ScoreParams(question_model=str(rms / "question"), answer_model=str(rms / "answer"),
                        dtype="float32", work_dir=str(tmp_path / "work"), **kw)
@@ -108,13 +121,20 @@ def test_resume_after_interruption_gives_identical_output(tiny_rms, image_root, 
     recs = pool_records()
     p = params_for(tiny_rms, tmp_path, shard_size=3, batch_size=4)
     full = score_pool(recs, p, tmp_path / "full.jsonl", image_root=image_root)
+    answers = answer_candidates(recs)
+    assert answers == 24  # 21 turns in 11 records (+2: one turn has 3 candidates), a text-only one
     assert full.shards == 4 and full.shards_resumed == 0
+    assert (full.records, full.answer_items, full.records_this_run, full.items_this_run) == (12, answers, 12, 12 + answers)
+    assert full.records_per_s_this_run == pytest.approx(12 / full.scoring_seconds_this_run)
     p2 = params_for(tiny_rms, tmp_path / "b", shard_size=3, batch_size=4)
     assert score_pool(recs, p2, tmp_path / "resumed.jsonl", image_root=image_root, stop_after_shards=2) is None
     assert not (tmp_path / "resumed.jsonl").exists()
     (tmp_path / "b/work/shard-00002.jsonl.tmp").write_text("half a shard")  # killed mid-write
     again = score_pool(recs, p2, tmp_path / "resumed.jsonl", image_root=image_root)
     assert again.shards_resumed == 2
+    # counts describe the whole output; the run figures only the 2 shards scored now
+    assert (again.records, again.answer_items) == (12, answers)
+    assert again.records_this_run == 6 and again.items_this_run == 6 + answer_candidates(recs[6:])
     assert (tmp_path / "resumed.jsonl").read_bytes() == (tmp_path / "full.jsonl").read_bytes()
     assert not list((tmp_path / "b/work").glob("shard-*.jsonl"))
     # shards made from other inputs are not reused
@@ -127,9 +147,11 @@ def test_resume_after_interruption_gives_identical_output(tiny_rms, image_root, 
 
 
 def test_two_processes_match_one(tiny_rms, image_root, tmp_path):
-    """The stage under torchrun with 2 CPU processes writes the same file as one process."""
+    """The stage under torchrun with 2 CPU processes, resuming 2 shards (one of each process),
+    writes the same file as one process; its metrics count both processes' work."""
     import torch
 
+    from align2llava.config import BaseParams
     from align2llava.data.io import write_records
 
     recs = pool_records()
@@ -142,16 +164,18 @@ def test_two_processes_match_one(tiny_rms, image_root, tmp_path):
                tmp_path / "one.jsonl", image_root=image_root)
     base = {"seed": 0, "pool": str(tmp_path / "pool.json"), "image_root": str(image_root)}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"base": base, "score": score}))
-    with socket.socket() as sock:  # a free port: a fixed one collides with other runs on the machine
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    # shards 0 and 1 finished by an earlier, interrupted run (the stage's fingerprint: base params)
+    assert score_pool(recs, ScoreParams(**score), tmp_path / "unused.jsonl", image_root=image_root,
+                      extra_fingerprint=BaseParams(**base).model_dump(), stop_after_shards=2) is None
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           port, "-m", "stages.score", "--params", "params.yaml", "--out-dir", "out2"]
+           str(free_port()), "-m", "stages.score", "--params", "params.yaml", "--out-dir", "out2"]
     env = dict(os.environ, ALIGN2LLAVA_NO_MLFLOW="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics" / "score.json").read_text())
     assert metrics["processes"] == 2 and metrics["scored"] == 12 and metrics["shards"] == 6
+    assert metrics["answer_items"] == answer_candidates(recs) and metrics["shards_resumed"] == 2
+    assert metrics["scored_this_run"] == 8 and metrics["items_this_run"] == 8 + answer_candidates(recs[4:])
     two = (tmp_path / "out2" / "scores.jsonl").read_bytes()
     assert len(two.splitlines()) == 12
     assert two == (tmp_path / "one.jsonl").read_bytes()
@@ -180,10 +204,14 @@ def test_stage_writes_scores_rejects_and_metrics(tiny_rms, tmp_path, monkeypatch
     recs[5]["conversations"][1]["value"] = ""
     (tmp_path / "pool.json").write_text(json.dumps(recs))
     score = {"question_model": str(tiny_rms / "question"), "answer_model": str(tiny_rms / "answer"),
-             "dtype": "float32", "reject_budget": 1}
+             "dtype": "float32", "reject_budget": 1, "shard_size": 4,
+             "work_dir": "work"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
         {"base": {"seed": 0, "pool": "pool.json", "image_root": "images"}, "score": score}))
-    res = CliRunner().invoke(main, [])
+    res = CliRunner().invoke(main, ["--stop-after-shards", "1"])  # interrupted after one shard
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "data/score/scores.jsonl").exists()
+    res = CliRunner().invoke(main, ["-v"])
     assert res.exit_code == 0, res.output
     rows = read_scores(tmp_path / "data/score/scores.jsonl")
     assert len(rows) == 11 and "r05" not in {r["id"] for r in rows}
@@ -191,7 +219,12 @@ def test_stage_writes_scores_rejects_and_metrics(tiny_rms, tmp_path, monkeypatch
     rejects = (tmp_path / "data/score/rejects.jsonl").read_text().splitlines()
     assert len(rejects) == 1 and "empty" in json.loads(rejects[0])["reason"]
     m = json.loads((tmp_path / "metrics/score.json").read_text())
-    assert m["scored"] == 11 and m["rejected"] == 1 and m["records_per_s"] > 0
+    assert_summary_keys(m, "score")
+    good = [r for r in recs if r["id"] != "r05"]
+    assert m["records"] == 12 and m["scored"] == 11 and m["rejected"] == 1
+    assert m["answer_items"] == answer_candidates(good) == sum(len(t["scores"]) for r in rows for t in r["turns"])
+    assert (m["shards"], m["shards_resumed"], m["scored_this_run"]) == (3, 1, 7)
+    assert m["items_this_run"] == 7 + answer_candidates(good[4:]) and m["records_per_s_this_run"] > 0
     assert "defect_auroc" not in m  # demo diagnostics live in the diagnose stage
     score["reject_budget"] = 0.01
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from align2llava.errors import DataError
 from align2llava.steps.selection import SelectParams, keep_count, parse_scores, resolve_candidates, select
-from tests.conftest import llava_record
+from tests.conftest import assert_summary_keys, llava_record
 
 TASKS = ("conversation", "detail", "complex_reasoning")
 
@@ -189,6 +189,7 @@ def test_stage_cli_writes_outputs_and_metrics(tmp_path):
     assert sorted(a["id"] for a in audit) == sorted(r["id"] for r in pool)
     assert set(audit[0]) == {"id", "task", "kept", "dropped_at", "question_score", "answer_score"}
     metrics = json.loads((tmp_path / "metrics" / "select.json").read_text())
+    assert_summary_keys(metrics, "select")
     assert metrics["keep_ratio_overall"] == pytest.approx(0.25)
     assert metrics["per_task"]["detail"] == {"pool": 20, "question": 10, "answer": 5, "keep_ratio": 0.25}
     funnel = list(csv.DictReader(open(tmp_path / "plots" / "funnel.csv")))

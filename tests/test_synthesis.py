@@ -19,7 +19,7 @@ from align2llava.demo.synthesis.params import DEFECTS, QUESTION_DEFECTS, TASKS, 
 from align2llava.demo.synthesis.synthesize import measured_rates
 from align2llava.demo.synthesis.world import COLORS, SHAPES, Truth, measure_image
 from align2llava.demo.synthesis.writer import make_item
-from tests.conftest import ROOT, TINY_WORLD
+from tests.conftest import ROOT, TINY_WORLD, assert_summary_keys
 
 
 def _params_file(tmp_path: Path, **section) -> Path:
@@ -34,7 +34,7 @@ def _run(tmp_path: Path, out: Path, **section):
     from stages.synthesize import main
 
     params = _params_file(tmp_path, **{**TINY_WORLD, **section})
-    return CliRunner().invoke(main, ["--params", str(params), "--out", str(out),
+    return CliRunner().invoke(main, ["--params", str(params), "--out-dir", str(out),
                                      "--metrics-dir", str(tmp_path / "metrics")])
 
 
@@ -82,6 +82,7 @@ def test_pool_is_valid_llava_with_tasks(world):
 
 def test_metrics_keys(world):
     m = json.loads((world / "metrics" / "synthesize.json").read_text())
+    assert_summary_keys(m, "synthesize")
     assert m["pool"]["total"] == 3 * TINY_WORLD["pool_per_task"]
     assert set(m["defect_rate"]) == set(DEFECTS)
     for key in ("groups", "candidates", "strict_pairs", "tie_rate"):
@@ -206,7 +207,7 @@ def test_bad_source_is_a_one_line_error(tmp_path, monkeypatch):
 
     params = _params_file(tmp_path, **TINY_WORLD)
     (tmp_path / "src" / "train").mkdir(parents=True)
-    res = CliRunner().invoke(main, ["--params", str(params), "--out", str(tmp_path / "o"),
+    res = CliRunner().invoke(main, ["--params", str(params), "--out-dir", str(tmp_path / "o"),
                                     "--source", str(tmp_path / "src")])
     assert res.exit_code == 1
     assert res.output.startswith("Error: ") and "questions.json" in res.output

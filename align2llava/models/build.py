@@ -1,4 +1,5 @@
-"""LLaVA models built from configs: tiny random-weight ones for tests and benchmarks.
+"""LLaVA models built from configs: tiny random-weight ones for tests and benchmarks, and the
+tiny records and images they read (tests/conftest.py and benchmarks/ use these).
 """
 
 from __future__ import annotations
@@ -132,3 +133,38 @@ def build_tiny_llava(
     model.save_pretrained(str(out))
     _make_processor(tokenizer, image_size, patch_size).save_pretrained(str(out))
     return out
+
+
+def make_image(path: str | Path, color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (32, 32),
+               mode: str = "RGB") -> Path:
+    """A PNG of a `color` square (the middle half) on a light background, saved in `mode`."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.new("RGB", size, (240, 240, 240))
+    for x in range(size[0] // 4, 3 * size[0] // 4):
+        for y in range(size[1] // 4, 3 * size[1] // 4):
+            img.putpixel((x, y), color)
+    if mode != "RGB":
+        img = img.convert(mode)
+    img.save(path)
+    return path
+
+
+def llava_record(rid: str, image: str | None = "a.png", task: str | None = None,
+                 turns: list[tuple[Any, Any]] | None = None) -> dict[str, Any]:
+    """A LLaVA record: `turns` (question, answer) pairs, `<image>` in the first question when it
+    has an image; an answer may be a list of candidates."""
+    turns = turns or [("What color is the shape?", "It is red.")]
+    convs = []
+    for k, (q, a) in enumerate(turns):
+        if k == 0 and image is not None:
+            q = IMAGE_TOKEN + "\n" + q
+        convs += [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    rec: dict[str, Any] = {"id": rid, "conversations": convs}
+    if image is not None:
+        rec["image"] = image
+    if task is not None:
+        rec["task"] = task
+    return rec

@@ -22,8 +22,11 @@ HEADLINES: dict[str, list[tuple[str, str]]] = {
     "annotate_import": [("question pairs", "pairs_question"), ("answer pairs", "pairs_answer"),
                         ("ties dropped", "ties_dropped"), ("rejected", "rejected_rows")],
     "train_reward": [("question RM val acc", "question_val_pairwise_accuracy"),
-                     ("answer RM val acc", "answer_val_pairwise_accuracy")],
-    "score": [("records", "scored"), ("records/s", "records_per_s"), ("rejected", "rejected")],
+                     ("longer-text baseline", "question_val_length_baseline_accuracy"),
+                     ("answer RM val acc", "answer_val_pairwise_accuracy"),
+                     ("longer-text baseline", "answer_val_length_baseline_accuracy")],
+    "score": [("records", "scored"), ("answers", "answer_items"), ("rejected", "rejected"),
+              ("this run rec/s", "records_per_s_this_run")],
     "select": [("kept", "kept"), ("of", "pool"), ("keep ratio", "keep_ratio_overall")],
     # demo diagnostics (the demo's defect oracle), not a method figure
     "diagnose": [("demo oracle: clean in pool", "defect_rates.pool.clean"),

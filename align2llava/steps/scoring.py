@@ -207,13 +207,28 @@ def _write_shard(path: Path, fingerprint: str, records: Sequence[dict[str, Any]]
 
 @dataclass
 class ScoreSummary:
-    records: int
+    """What score_pool wrote and what this run did.
+
+    The counts describe the whole output file, resumed shards included; the `*_this_run` figures
+    describe the shards this run scored, summed over processes, timed on the slowest process
+    from its first forward pass to its last (model loading excluded).
+    """
+
+    records: int  # rows in the output
+    answer_items: int  # candidate answers scored in the output (answer-RM forwards)
     shards: int
-    shards_resumed: int
-    seconds: float
-    scored_seconds: float
-    items: int = 0
-    processes: int = 1
+    shards_resumed: int  # finished shards reused, over all processes
+    processes: int
+    seconds: float  # score_pool's wall time on the main process
+    records_this_run: int = 0
+    items_this_run: int = 0  # reward-model forwards this run (question + answer)
+    scoring_seconds_this_run: float = 0.0
+
+    @property
+    def records_per_s_this_run(self) -> float | None:
+        if not self.records_this_run or self.scoring_seconds_this_run <= 0:
+            return None
+        return self.records_this_run / self.scoring_seconds_this_run
 
 
 def score_pool(
@@ -245,7 +260,7 @@ def score_pool(
     if resumed:
         log.info("process %d: %d of its %d shards already finished; resuming", rank, resumed, len(mine))
     t1 = time.time()
-    n_items = 0
+    n_records = n_items = 0
     if todo:
         models = load_reward_models(params.question_model, params.answer_model, image_root=image_root,
                                     dtype=params.dtype, device=state.device)
@@ -254,11 +269,19 @@ def score_pool(
             if stop_after_shards is not None and done >= stop_after_shards:
                 return None
             rows = score_records(models, shards[k], params.batch_size, progress=world == 1)
+            n_records += len(rows)
             n_items += sum(1 + sum(len(t["scores"]) for t in r["turns"]) for r in rows)
             _write_shard(names[k], fp, shards[k], rows)
             log.info("process %d: shard %d/%d done (%d records)", rank, k + 1, len(shards), len(shards[k]))
-    scored_s = time.time() - t1
+    mine_done = {"records": n_records, "items": n_items, "seconds": time.time() - t1 if todo else 0.0,
+                 "resumed": resumed}
     state.wait_for_everyone()
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        done = gather_object([mine_done])  # every process takes part
+    else:
+        done = [mine_done]
     if not state.is_main_process:
         return None
     rows_all: list[dict[str, Any]] = []
@@ -275,7 +298,17 @@ def score_pool(
     if not params.keep_shards:
         for n in names:
             n.unlink(missing_ok=True)
-    return ScoreSummary(len(records), len(shards), resumed, time.time() - t0, scored_s, n_items, world)
+    return ScoreSummary(
+        records=len(rows_all),
+        answer_items=sum(len(t["scores"]) for row in rows_all for t in row["turns"]),
+        shards=len(shards),
+        shards_resumed=sum(d["resumed"] for d in done),
+        processes=world,
+        seconds=time.time() - t0,
+        records_this_run=sum(d["records"] for d in done),
+        items_this_run=sum(d["items"] for d in done),
+        scoring_seconds_this_run=max(d["seconds"] for d in done),
+    )
 
 
 SCORE_KEYS = ("id", "task", "question_score", "answer_score", "turns")

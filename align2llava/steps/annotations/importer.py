@@ -52,7 +52,9 @@ FORMATS = ("align2llava", "labelstudio", "table")
 class AnnotateImportParams(Section):
     """The `annotate_import` section of params.yaml."""
 
-    # align2llava: `questions` + `answers` files; labelstudio / table: the `input` file.
+    # align2llava: `questions` + `answers` files (null: none of that kind); labelstudio / table:
+    # the `input` file. No default file: params.yaml names the demo's, and a key left out must
+    # not read the demo's annotations into a user's pairs.
     format: Literal["align2llava", "labelstudio", "table"] = "align2llava"
     questions: str | None = None
     answers: str | None = None

@@ -47,41 +47,44 @@ VISION_TOWER = "vision_tower"
 
 
 class FinetuneParams(Section):
-    """The `finetune:` section. Names follow LLaVA's train.py / transformers TrainingArguments."""
+    """The `finetune:` section. Names follow LLaVA's train.py / transformers TrainingArguments.
+    Defaults are the demo's params.yaml values (a test keeps them equal); `paper:` comments give
+    LLaVA-1.5's stage-2 settings."""
 
     # "lora": peft LoRA on the LLM + trainable projector; "full": LLM and projector trained.
-    mode: Literal["lora", "full"] = "lora"
+    mode: Literal["lora", "full"] = "lora"  # paper: lora
     seed: int = 0
-    learning_rate: float = 2.0e-4
+    learning_rate: float = 2.0e-4  # paper: 2.0e-4
     # The projector's own learning rate (LLaVA's mm_projector_lr); null: learning_rate.
-    mm_projector_lr: float | None = 2.0e-5
-    num_train_epochs: float = 1.0
+    mm_projector_lr: float | None = 2.0e-5  # paper: 2.0e-5
+    num_train_epochs: float = 3.0  # paper: 1
     # > 0 overrides num_train_epochs (as in transformers).
     max_steps: int = -1
-    per_device_train_batch_size: int = 16
+    # paper: global batch 128 (per_device_train_batch_size x processes x gradient_accumulation_steps)
+    per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    warmup_ratio: float = 0.03
-    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.03  # paper: 0.03
+    lr_scheduler_type: str = "cosine"  # paper: cosine
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     # Tokens per example (image tokens included); longer records are cut at the end.
-    max_length: int = 2048
-    lora_r: int = 128
-    lora_alpha: int = 256
-    lora_dropout: float = 0.05
+    max_length: int = 512  # paper: 2048
+    lora_r: int = 16  # paper: 128
+    lora_alpha: int = 32  # paper: 256
+    lora_dropout: float = 0.05  # paper: 0.05
     # Linear layers of the LLM that get LoRA ("all-linear": every one); never vision or lm_head.
-    lora_target_modules: list[str] | Literal["all-linear"] = LLM_LINEAR
-    # LLM layer indices that get LoRA (negative: from the top; null: all). With the projector
-    # frozen too, backward stops at the lowest of them: much cheaper on small hardware.
-    layers_to_transform: list[int] | None = None
-    # LLaVA's name: keep the projector frozen (default: it trains at mm_projector_lr).
-    freeze_mm_mlp_adapter: bool = False
+    lora_target_modules: list[str] | Literal["all-linear"] = LLM_LINEAR  # paper: every LLM linear layer
+    # LLM layer indices that get LoRA (negative: from the top; null: all, as the paper). With the
+    # projector frozen too, backward stops at the lowest of them: much cheaper on small hardware.
+    layers_to_transform: list[int] | None = [-4, -3, -2, -1]
+    # LLaVA's name: keep the projector frozen (false: it trains at mm_projector_lr, as the paper).
+    freeze_mm_mlp_adapter: bool = True
     tune_vision_tower: bool = False
     gradient_checkpointing: bool = False
     # Batch records of similar length together (less padding; LLaVA's group_by_modality_length).
     group_by_length: bool = True
     logging_steps: int = 1
-    save_steps: int = 50
+    save_steps: int = 20
     save_total_limit: int = 1
     # Trainer checkpoints (HF layout); a rerun with the same data and params resumes from the
     # last one. Removed after a successful run unless keep_checkpoints.

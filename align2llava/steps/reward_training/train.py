@@ -24,31 +24,33 @@ from align2llava.steps.reward_training.pairs import augmentation_pairs, image_sw
 log = logging.getLogger(__name__)
 
 class TrainRewardParams(Section):
-    """The `train_reward` section of params.yaml (paper values in the comments there)."""
+    """The `train_reward` section of params.yaml. Defaults are the demo's params.yaml values (a
+    test keeps them equal); `paper:` comments give the paper's LLaVA-1.5-7B settings."""
 
     kinds: list[Literal["question", "answer"]] = ["question", "answer"]
     # lora: LoRA on the LLM (+ head, + projector if train_projector); frozen: frozen LLM, trainable
     # projector + head. The vision tower is always frozen.
     method: Literal["lora", "frozen"] = "lora"
-    train_projector: bool = True
-    lora_r: int = Field(128, ge=1)
-    lora_alpha: int = Field(256, ge=1)
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    lora_target_modules: list[str] = LLM_LINEAR
-    # LLM layer indices to adapt (negative: from the top); null: every layer.
-    layers_to_transform: list[int] | None = None
-    learning_rate: float = Field(2.0e-5, gt=0)
-    projector_learning_rate: float = Field(2.0e-5, gt=0)
-    num_train_epochs: float = Field(5, gt=0)
-    # Pairs per step per process (times gradient_accumulation_steps times processes = global).
-    per_device_train_batch_size: int = Field(64, ge=1)
+    train_projector: bool = False  # paper: true
+    lora_r: int = Field(16, ge=1)  # paper: 128
+    lora_alpha: int = Field(32, ge=1)  # paper: 256
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)  # paper: 0.05
+    lora_target_modules: list[str] = LLM_LINEAR  # paper: every LLM linear layer
+    # LLM layer indices to adapt (negative: from the top); null: every layer (paper: null).
+    layers_to_transform: list[int] | None = [-4, -3, -2, -1]
+    learning_rate: float = Field(1.0e-3, gt=0)  # paper: 2.0e-5
+    projector_learning_rate: float = Field(2.0e-5, gt=0)  # paper: 2.0e-5
+    num_train_epochs: float = Field(3.0, gt=0)  # paper: 5
+    # Pairs per step per process (times gradient_accumulation_steps times processes = global;
+    # paper: 64 global).
+    per_device_train_batch_size: int = Field(16, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
-    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"  # paper: cosine
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)  # paper: 0.03
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0)
-    max_length: int = Field(2048, ge=8)
-    corruption_rate: float = Field(0.25, ge=0.0, le=1.0)
+    max_length: int = Field(192, ge=8)  # paper: 2048
+    corruption_rate: float = Field(0.25, ge=0.0, le=1.0)  # paper: 0.25
     # Not in the paper (0 = off): per group, probability of an image-mismatch pair, the group's
     # best candidate over a best candidate written for another image (see mismatch_pairs).
     mismatch_rate: float = Field(0.0, ge=0.0, le=1.0)
@@ -56,9 +58,10 @@ class TrainRewardParams(Section):
     # image over the same text on another training image (see image_swap_pairs).
     image_swaps: int = Field(0, ge=0)
     # Validate every N optimizer steps (0: once per epoch) and at the end.
-    eval_steps: int = Field(0, ge=0)
+    eval_steps: int = Field(10, ge=0)
     per_device_eval_batch_size: int = Field(32, ge=1)
-    # auto: bf16 on GPUs that support it and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32.
+    # auto: bf16 on GPUs that support it and on CPUs with native bf16 (AMX / AVX512-BF16), else
+    # fp32 (paper: bf16).
     dtype: Literal["auto", "float32", "bfloat16", "float16", "mixed"] = "auto"
     # Compute the frozen bottom layers once (only when just the top layers adapt).
     cache_frozen_layers: bool = True
@@ -131,7 +134,8 @@ def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> flo
 class TrainResult:
     kind: str
     val_accuracy: float | None  # None without validation pairs
-    val_accuracy_initial: float | None
+    # The same pairs ranked by length alone (the longer text wins): what the RM must beat.
+    val_length_baseline: float | None
     train_pairs: int
     augmented_pairs: int
     val_pairs: int
@@ -166,6 +170,11 @@ class _PairData:
             self.index[key] = len(self.items)
             self.items.append((encoder.ids(text, image is not None), image))
         return self.index[key]
+
+    def length_baseline(self) -> float:
+        """Pairwise accuracy of "the longer text wins", lengths in tokens as the RM reads them."""
+        n = [len(ids) for ids, _ in self.items]
+        return pairwise_accuracy([n[c] for c, _ in self.pairs], [n[r] for _, r in self.pairs])
 
     def packs(self, pairs_per_pack: int, seed: int) -> list[list[int]]:
         """Whole groups packed into batches of about `pairs_per_pack` pairs (seeded order).
@@ -308,9 +317,9 @@ def train_reward_model(
                               num_training_steps=total * n_proc)
     model, optimizer, loader, scheduler = accelerator.prepare(rm, optimizer, loader, scheduler)
     eval_every = params.eval_steps or per_epoch
-    acc0 = _evaluate(rm, val_data, val_cache, encoder, params.per_device_eval_batch_size, device) if val else None
-    if acc0 is not None:
-        log.info("%s RM: val pairwise accuracy before training %.3f", kind, acc0)
+    length_acc = val_data.length_baseline() if val else None
+    if length_acc is not None:
+        log.info("%s RM: val pairwise accuracy of the longer text %.3f (the baseline to beat)", kind, length_acc)
     curve: list[dict[str, Any]] = []
     step, loss_sum, loss_n, last_loss = 0, 0.0, 0, float("nan")
     model.train()
@@ -356,5 +365,5 @@ def train_reward_model(
         save_reward_model(accelerator.unwrap_model(model), out_dir, kind=kind, backbone=str(base_model),
                           max_length=params.max_length)
     accelerator.wait_for_everyone()
-    return TrainResult(kind, acc, acc0, len(train), len(aug), len(val), step, last_loss,
+    return TrainResult(kind, acc, length_acc, len(train), len(aug), len(val), step, last_loss,
                        time.time() - t0, curve, n_train, accelerator.unwrap_model(model), encoder)
