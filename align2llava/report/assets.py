@@ -1,10 +1,11 @@
 """The report folder's files besides index.html: image thumbnails (thumbs/) and the id index
 (ids/NNN.js), plus the page's inline CSS and JS.
 
-The id index lists every pool record (task, outcome, scores, ranks) in shards of about
-SHARD_ROWS rows, named by an FNV-1a hash of the id; the page loads the one shard an id
-needs through a <script> tag when someone searches it (file:// pages may not fetch()), so the
-page itself stays small however large the pool.
+The id index lists every pool record as [task number, outcome number, question score, question
+rank, answer score, answer rank, rewrites accepted or -1] (the numbers index the page's
+A2L.meta.tasks and A2L.meta.outcomes), in shards of about SHARD_ROWS rows chosen by an FNV-1a
+hash of the id. The page loads the one shard an id needs through a <script> tag when someone
+searches it (file:// pages may not fetch()), so the page stays small however large the pool.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ header h1{font-size:20px;margin:0 0 4px}
 header .sub{color:var(--mute);font-size:12px}
 nav a{margin-right:12px;font-size:13px}
 main{padding:8px 24px 40px;max-width:1400px}
+section,.card{scroll-margin-top:110px}
 section{background:#fff;border:1px solid var(--line);border-radius:6px;padding:12px 16px;margin:14px 0}
 h2{font-size:17px;margin:4px 0 10px}
 h3{font-size:14px;margin:12px 0 6px}
@@ -102,7 +104,10 @@ th,td{border-bottom:1px solid #eaeef2;padding:3px 10px 3px 0;text-align:left;ver
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 .bar{display:inline-block;height:10px;background:var(--kept);vertical-align:middle;border-radius:2px}
 .bar.q{background:#90a4ae}.bar.p{background:#cfd8dc}
-.charts{display:flex;flex-wrap:wrap;gap:10px}
+.charts{display:flex;flex-wrap:wrap;gap:10px 28px}
+.charts .scope{display:flex;gap:10px}
+.legend{font-size:12px;margin:0 0 6px}.key{margin-right:14px}
+.key i{display:inline-block;width:11px;height:11px;margin-right:4px;vertical-align:-1px;border-radius:2px}
 .charts figure{margin:0}
 .note{color:var(--mute);font-size:12px;max-width:1000px}
 .search{display:flex;gap:6px;align-items:center;margin-top:6px}
@@ -146,7 +151,7 @@ function shard(id,cb){var n=fnv(id)%A.meta.shards;if(A.shards[n])return cb(A.sha
 function say(t){document.getElementById('found').textContent=t;}
 function fmt(x){return x===null?'-':(+x).toFixed(3);}
 function describe(id,r){if(!r)return'no record with id "'+id+'" in the pool';
- var t=r[0],o=r[1],c=A.meta.counts[t]||{},s='"'+id+'" ('+t+'): '+A.meta.labels[o];
+ var t=A.meta.tasks[r[0]],o=A.meta.outcomes[r[1]],c=A.meta.counts[t]||{},s='"'+id+'" ('+t+'): '+A.meta.labels[o];
  if(o==='unscored')return s;
  s+=' | question score '+fmt(r[2])+', rank '+r[3]+' of '+c.scored+' (the top '+c.question+' pass)';
  if(r[5]!==null)s+=' | answer score '+fmt(r[4])+', rank '+r[5]+' of '+c.question+' (the top '+c.kept+' are kept)';

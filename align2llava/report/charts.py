@@ -63,7 +63,7 @@ def histogram_spec(hist: dict[str, Any], labels: dict[str, str], title: str,
             "y2": {"field": "y0"},
             "color": {"field": "outcome", "type": "nominal", "title": None,
                       "scale": {"domain": domain, "range": [COLORS[d] for d in domain]},
-                      "legend": {"orient": "bottom", "direction": "horizontal", "labelLimit": 220}},
+                      "legend": None},  # the page shows one legend for all histograms
             "tooltip": [{"field": "outcome"}, {"field": "count"}, {"field": "lo", "title": "from"},
                         {"field": "hi", "title": "to"}],
         },

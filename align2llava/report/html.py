@@ -70,15 +70,21 @@ def funnel_section(counts: dict[str, TaskCounts], total: TaskCounts) -> str:
 
 def histogram_section(hists: dict[str, dict[str, Any]], cuts: dict[str, dict[str, float | None]]) -> str:
     figs = []
-    for scope, per_kind in hists.items():
+    for scope, per_kind in hists.items():  # one block per scope: question | answer
+        block = []
         for kind in KINDS:
             h = per_kind[kind]
             if not h["n"]:
                 continue
             spec = charts.histogram_spec(h, OUTCOME_LABEL, f"{kind} reward model: {scope}", cuts[scope].get(kind))
-            figs.append(f'<figure data-chart="hist-{esc(scope)}-{kind}">{charts.to_svg(spec)}</figure>')
+            block.append(f'<figure data-chart="hist-{esc(scope)}-{kind}">{charts.to_svg(spec)}</figure>')
+        if block:
+            figs.append(f'<div class="scope">{"".join(block)}</div>')
+    legend = "".join(f'<span class="key"><i style="background:{charts.COLORS[OUTCOME_LABEL[o]]}"></i>'
+                     f"{esc(OUTCOME_LABEL[o])}</span>" for o in ("kept", "answer", "question"))
     return (
-        '<section id="scores"><h2>Score distributions: kept vs dropped</h2><div class="charts">'
+        '<section id="scores"><h2>Score distributions: kept vs dropped</h2>'
+        f'<div class="legend">{legend}</div><div class="charts">'
         + "".join(figs) + "</div>"
         '<p class="note">Histograms computed from data/select/audit.jsonl (every pool record once); the dashed '
         "line is the lowest score that passed that stage for the type. On all types together each type has its "
@@ -255,7 +261,7 @@ def compression_section(rows: list[dict[str, str]] | None) -> str:
 def render_page(m: dict[str, Any]) -> str:
     """The whole index.html from the report model that report.report.build_model makes."""
     total: TaskCounts = m["total"]
-    meta = {"shards": m["shards"], "labels": OUTCOME_LABEL,
+    meta = {"shards": m["shards"], "labels": OUTCOME_LABEL, "tasks": m["tasks"], "outcomes": list(OUTCOMES),
             "counts": {t: {"pool": c.pool, "scored": c.scored, "question": c.question, "kept": c.kept}
                        for t, c in m["counts"].items()}}
     nav = "".join(f'<a href="#{s}">{t}</a>' for s, t in (

@@ -167,8 +167,10 @@ def run_report(inputs: ReportInputs, params: ReportParams, out_dir: str | Path =
                       "turns": D.record_turns(rec, scores.get(e.id)),
                       "rewrites": rewrites.get(e.id) if e.outcome == "kept" and log_rows else None})
 
-    index_rows = {e.id: [e.task, e.outcome, e.question_score, e.q_rank, e.answer_score, e.a_rank,
-                         rewrites.get(e.id, -1) if log_rows else -1] for e in entries}
+    tasks = joined.tasks
+    task_no, outcome_no = {t: i for i, t in enumerate(tasks)}, {o: i for i, o in enumerate(D.OUTCOMES)}
+    index_rows = {e.id: [task_no[e.task], outcome_no[e.outcome], e.question_score, e.q_rank, e.answer_score,
+                         e.a_rank, rewrites.get(e.id, -1) if log_rows else -1] for e in entries}
     shards = write_id_index(index_rows, out)
 
     mdir = Path(inputs.metrics_dir)
@@ -186,14 +188,14 @@ def run_report(inputs: ReportInputs, params: ReportParams, out_dir: str | Path =
         "restyle_examples": restyle_examples, "restyle_metrics": read["restyle"],
         "rm": D.rm_validation(read["train_reward"]), "evaluate": evaluate,
         "diagnostics": D.demo_diagnostics(read["diagnose"], read["score"]),
-        "compression": D.read_csv_optional(inputs.compression), "shards": shards,
+        "compression": D.read_csv_optional(inputs.compression), "shards": shards, "tasks": tasks,
     }
     index = out / "index.html"
     index.write_text(render_page(model), encoding="utf-8")
 
     total = joined.total()
     metrics = {
-        "records": total.pool, "kept": total.kept, "gallery_cards": len(cards),
+        "index": index.as_posix(), "records": total.pool, "kept": total.kept, "gallery_cards": len(cards),
         "restyle_examples": len(restyle_examples), "thumbnails": sum(v is not None for v in thumbs.done.values()),
         "images_missing": len(thumbs.missing), "id_shards": shards,
         "index_bytes": index.stat().st_size, "folder_bytes": _folder_bytes(out),
