@@ -116,7 +116,7 @@ def card_html(i: int, card: dict[str, Any], counts: dict[str, TaskCounts]) -> st
     restyle = ""
     if card.get("rewrites") is not None:
         restyle = f'<div class="tag">restyle: {card["rewrites"]} of {len(card["turns"])} answers rewritten</div>'
-    sample = "near the cut" if card["sample"] == "border" else "spread sample"
+    sample = ("pool order" if o == "unscored" else "near the cut") if card["sample"] == "border" else "spread sample"
     return (
         f'<article class="card o-{o}" id="c{i}" data-rid="{esc(card["id"])}" data-task="{esc(card["task"])}" '
         f'data-outcome="{o}">{img}<div class="body"><div><code>{esc(card["id"])}</code> '
