@@ -79,6 +79,7 @@ def _sections() -> dict[str, type[Section]]:
     from align2llava.demo.diagnostics import DiagnoseParams
     from align2llava.demo.pretrain.pretrain import PretrainParams
     from align2llava.demo.synthesis.params import SynthesizeParams
+    from align2llava.report.report import ReportParams
     from align2llava.steps.annotations.importer import AnnotateImportParams
     from align2llava.steps.evaluation.evaluation import EvaluateParams
     from align2llava.steps.finetune.train import FinetuneParams
@@ -90,7 +91,8 @@ def _sections() -> dict[str, type[Section]]:
     return {"base": BaseParams, "synthesize": SynthesizeParams, "pretrain": PretrainParams,
             "annotate_import": AnnotateImportParams, "train_reward": TrainRewardParams,
             "score": ScoreParams, "select": SelectParams, "restyle": RestyleParams,
-            "finetune": FinetuneParams, "evaluate": EvaluateParams, "diagnose": DiagnoseParams}
+            "finetune": FinetuneParams, "evaluate": EvaluateParams, "diagnose": DiagnoseParams,
+            "report": ReportParams}
 
 
 def test_every_params_section_has_a_class():

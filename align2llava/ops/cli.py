@@ -172,5 +172,17 @@ def summary(metrics_dir: Path) -> None:
     click.echo("\n".join(lines))
 
 
+@main.command("plots-template")
+@click.argument("path", type=click.Path(path_type=Path), default=".dvc/plots/offline.html")
+def plots_template(path: Path) -> None:
+    """Write PATH: a page template for `dvc plots show` with Vega inlined (no CDN, works
+    offline). .dvc/config's plots.html_template points DVC at the default PATH."""
+    from align2llava.report.charts import write_offline_template
+
+    with user_errors():
+        out = write_offline_template(path)
+    click.echo(f"{out} ({out.stat().st_size / 1e6:.1f} MB): dvc plots show --html-template {out}")
+
+
 if __name__ == "__main__":
     main()

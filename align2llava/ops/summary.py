@@ -38,6 +38,7 @@ HEADLINES: dict[str, list[tuple[str, str]]] = {
     "evaluate": [("benchmark accuracy", "benchmark_accuracy"), ("shape", "benchmark_accuracy_shape"),
                  ("colour", "benchmark_accuracy_color"), ("yes/no", "benchmark_accuracy_yes_no"),
                  ("POPE F1", "pope_f1"), ("POPE yes ratio", "pope_yes_ratio")],
+    "report": [("open", "index"), ("gallery cards", "gallery_cards"), ("images missing", "images_missing")],
 }
 
 
