@@ -35,7 +35,12 @@ def main(params_file: Path, metrics_dir: Path, verbose: bool, scores: Path, out_
         resolved = {"base": base.model_dump(), "select": params.model_dump()}
         t0 = time.perf_counter()
         with stage_run("select", resolved, metrics_dir=metrics_dir) as run:
-            result = run_select(base.pool, scores, params, out_dir, plots_dir)
+            clean = None
+            if params.method == "oracle":  # the diagnostic upper bound: the demo world's defect oracle
+                from align2llava.demo.diagnostics import clean_flags, read_oracle
+
+                clean = clean_flags(read_oracle(params.oracle))
+            result = run_select(base.pool, scores, params, out_dir, plots_dir, clean)
             run.log_metrics(result.metrics)
         m = result.metrics
         for name, c in result.counts.items():

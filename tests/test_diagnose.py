@@ -199,7 +199,9 @@ def test_selection_defects_benchmark_prints_the_rates(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- the method path
 
-METHOD_STAGES = ["annotate-import", "train-reward", "score", "select", "restyle", "finetune", "evaluate"]
+# select reads the oracle for its diagnostic method `oracle` only (tests/test_selection.py checks
+# that the reward path does not)
+METHOD_STAGES = ["annotate-import", "train-reward", "score", "restyle", "finetune", "evaluate"]
 
 
 def test_no_method_module_imports_the_demo():

@@ -47,7 +47,19 @@ def test_plan_and_overrides():
         plan_runs([0.0], [0], ["reward"])
 
 
-def _exp(name, method, ratio, seed, acc, f1=0.5, restyle=None, state="success", error=None):
+def test_plan_oracle_and_base_rows():
+    runs = plan_runs([0.09, 0.3], [0, 1, 2], ["oracle", "random", "base"])
+    assert [(r.method, r.keep_ratio, r.seed) for r in runs if r.method == "base"] == [("base", 0.0, 0)]
+    assert len([r for r in runs if r.method == "oracle"]) == 2 * 3
+    o = RunSpec("oracle", 0.09, 1).set_params()
+    assert o["select.method"] == "oracle" and o["restyle.enabled"] is False and "finetune.mode" not in o
+    b = RunSpec("base", 0.0, 0).set_params()
+    assert b["finetune.mode"] == "none" and b["restyle.enabled"] is False
+    assert b["select.question_keep_ratio"] == b["select.keep_ratio"] == 1.0
+    assert RunSpec("base", 0.0, 0).name == "cmp-base-0-s0"
+
+
+def _exp(name, method, ratio, seed, acc, f1=0.5, restyle=None, state="success", error=None, mode="lora"):
     restyle = (method == "reward") if restyle is None else restyle
     alpha = 1.0 if method == "all" else ratio ** 0.5
     return {
@@ -59,7 +71,7 @@ def _exp(name, method, ratio, seed, acc, f1=0.5, restyle=None, state="success", 
                 "params": {"params.yaml": {"data": {
                     "select": {"method": method, "question_keep_ratio": alpha, "keep_ratio": alpha, "seed": seed},
                     "restyle": {"enabled": restyle},
-                    "finetune": {"seed": seed, "learning_rate": 2e-4},
+                    "finetune": {"seed": seed, "learning_rate": 2e-4, "mode": mode},
                 }}},
                 "metrics": {
                     "metrics/evaluate.json": {"data": {"benchmark_accuracy": acc, "pope_f1": f1, "eval_seconds": 40.0}},
@@ -88,6 +100,8 @@ EXPS = [
     _exp("cmp-reward-raw-9-s0", "reward", 0.09, 0, 0.62, restyle=False),
     _exp("cmp-random-9-s1", "random", 0.09, 1, 0.9, restyle=False, state="failed", error={"msg": "failed"}),
     _exp("other-exp", "reward", 0.09, 0, 0.99),
+    _exp("cmp-oracle-9-s0", "oracle", 0.09, 0, 0.75, restyle=False),
+    _exp("cmp-base-0-s0", "all", 1.0, 0, 0.55, restyle=False, mode="none"),
 ]
 
 
@@ -100,6 +114,7 @@ def test_parse_and_rows():
     rows = experiment_rows(exps)
     assert [(r["method"], r["keep_ratio"], r["seed"]) for r in rows] == [
         ("reward", 0.09, 0), ("reward", 0.09, 1), ("reward_raw", 0.09, 0), ("random", 0.09, 0), ("full", 1.0, 0),
+        ("oracle", 0.09, 0), ("base", 0.0, 0),
     ]
     assert rows[0]["benchmark_accuracy"] == 0.7 and rows[0]["train_records"] == 81
     assert rows[0]["pope_accuracy"] is None  # missing metrics stay empty, not zero

@@ -200,6 +200,17 @@ def test_frozen_projector_and_top_layers_only(tiny_llava, train_data, image_root
     assert changed and all("language_model" in k and "layers.1." in k for k in changed)
 
 
+def test_mode_none_saves_the_base_unchanged(tiny_llava, train_data, image_root, tmp_path):
+    import torch
+
+    out = tmp_path / "model"
+    result = finetune(_params(tmp_path, mode="none"), base_model=tiny_llava, data=train_data, image_root=image_root,
+                      out_dir=out, dtype="float32")
+    assert result.steps == [] and result.metrics["train_records"] == 0 and result.metrics["steps"] == 0
+    before, after = _state(tiny_llava), _state(out)
+    assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
+
+
 class Stop(Exception):
     pass
 

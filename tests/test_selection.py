@@ -209,3 +209,65 @@ def test_stage_cli_bad_input_is_one_line_error(tmp_path):
     assert res.exit_code == 1
     assert res.output.startswith("Error: ") and "line 2 is not valid JSON" in res.output
     assert "Traceback" not in res.output
+
+
+# ----------------------------------------------------------------------------- oracle (diagnostic)
+
+
+def _clean_flags(pool):
+    """Every third record has a question defect, every fourth an answer defect."""
+    return {r["id"]: (i % 3 != 0, i % 3 != 0 and i % 4 != 0) for i, r in enumerate(pool)}
+
+
+def test_oracle_fills_the_same_counts_with_clean_records_first():
+    pool, rows = make_pool()
+    scores, clean = parse_scores(rows), _clean_flags(pool)
+    oracle = select(pool, scores, SelectParams(method="oracle"), clean)
+    reward = select(pool, scores, SelectParams(method="reward"))
+    assert oracle.counts == reward.counts  # 20 -> 6 -> 2 per type
+    assert all(clean[r["id"]] == (True, True) for r in oracle.selected)
+    q_kept = [a["id"] for a in oracle.audit if a["dropped_at"] in (None, "answer")]
+    assert all(clean[i][0] for i in q_kept)
+    # baselines keep the original answer, never the reward model's choice of candidate
+    assert all(not isinstance(t["value"], list) for r in oracle.selected for t in r["conversations"])
+    by_seed = {s: [r["id"] for r in select(pool, scores, SelectParams(method="oracle", seed=s), clean).selected]
+               for s in (0, 1)}
+    assert by_seed[0] != by_seed[1]  # the seed decides among equally clean records
+    assert by_seed[0] == [r["id"] for r in oracle.selected]
+
+
+def test_oracle_flags_only_with_the_oracle_method():
+    pool, rows = make_pool()
+    scores = parse_scores(rows)
+    with pytest.raises(DataError, match="method 'oracle' needs the clean flags"):
+        select(pool, scores, SelectParams(method="oracle"))
+    with pytest.raises(DataError, match="only it takes them"):
+        select(pool, scores, SelectParams(method="reward"), _clean_flags(pool))
+    clean = _clean_flags(pool)
+    del clean[pool[0]["id"]]
+    with pytest.raises(DataError, match=f"no row for pool record {pool[0]['id']}"):
+        select(pool, scores, SelectParams(method="oracle"), clean)
+
+
+def test_stage_reads_the_oracle_for_the_oracle_method_only(tmp_path):
+    from stages.select import main
+
+    pool = _write_inputs(tmp_path)
+    args = ["--params", str(tmp_path / "params.yaml"), "--scores", str(tmp_path / "scores.jsonl"),
+            "--out-dir", str(tmp_path / "out"), "--plots-dir", str(tmp_path / "plots"),
+            "--metrics-dir", str(tmp_path / "metrics")]
+    with (tmp_path / "params.yaml").open("a") as f:
+        f.write(f"  oracle: {tmp_path / 'oracle.jsonl'}\n")
+    # the reward path: a missing oracle file is never opened
+    assert CliRunner().invoke(main, args).exit_code == 0
+    text = (tmp_path / "params.yaml").read_text().replace("method: reward", "method: oracle")
+    (tmp_path / "params.yaml").write_text(text)
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1 and res.output.startswith("Error: ") and "oracle.jsonl: file not found" in res.output
+    rows = [{"id": r["id"], "defects": [] if i % 2 else ["hallucinated_color"]} for i, r in enumerate(pool)]
+    (tmp_path / "oracle.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    selected = json.loads((tmp_path / "out" / "selected.json").read_text())
+    defective = {r["id"] for r in rows if r["defects"]}
+    assert len(selected) == 15 and not {r["id"] for r in selected} & defective

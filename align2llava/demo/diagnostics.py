@@ -92,6 +92,12 @@ def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
     return wins / (len(positive) * len(negative))
 
 
+def clean_flags(oracle: dict[str, dict[str, Any]]) -> dict[str, tuple[bool, bool]]:
+    """{id: (no question defect, no defect at all)}: what select's `oracle` method ranks by."""
+    return {rid: (not set(row["defects"]) & set(QUESTION_DEFECTS), not row["defects"])
+            for rid, row in oracle.items()}
+
+
 def defect_auroc(rows: Sequence[dict[str, Any]], oracle: dict[str, dict[str, Any]]) -> dict[str, float]:
     """How well scores separate clean records from those with each defect type.
 

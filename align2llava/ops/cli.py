@@ -119,7 +119,7 @@ def import_annotations_cmd(fmt: str, questions: Path | None, answers: Path | Non
 @main.command()
 @click.option("--ratios", default="0.09,0.3", show_default=True, help="Overall keep ratios (alpha x beta, split evenly) for the selected runs.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds; each sets select.seed and finetune.seed.")
-@click.option("--methods", default="reward,random,full", show_default=True, help="Of: reward (selection + restyle), reward_raw (selection only), random, full.")
+@click.option("--methods", default="reward,random,full", show_default=True, help="Of: reward (selection + restyle), reward_raw (selection only), random, full, oracle (demo: clean records first, an upper bound), base (not fine-tuned).")
 @click.option("--jobs", "-j", type=int, default=1, show_default=True, help="Experiments run at a time (dvc queue start -j).")
 @click.option("--out", "out_csv", type=click.Path(path_type=Path), default="reports/compression.csv", show_default=True, help="Per-run CSV (a DVC plot); a Markdown table goes next to it (.md).")
 @click.option("--prefix", default="cmp", show_default=True, help="Experiment names are PREFIX-METHOD-PERCENT-sSEED.")

@@ -51,6 +51,11 @@ METHODS = {
     "reward_raw": ("reward", False),
     "random": ("random", False),
     "full": ("all", False),
+    # demo diagnostics: the records the demo oracle marks clean first (an upper bound for the
+    # harness, never the method)
+    "oracle": ("oracle", False),
+    # the base model, not fine-tuned (keep ratio 0; one run, it does not depend on a seed)
+    "base": ("all", False),
 }
 DEFAULT_METHODS = ("reward", "random", "full")
 PREFIX = "cmp"
@@ -89,8 +94,8 @@ class RunSpec:
 
     def set_params(self) -> dict[str, Any]:
         select_method, restyle = METHODS[self.method]
-        alpha = beta = 1.0 if self.method == "full" else round(math.sqrt(self.keep_ratio), 6)
-        return {
+        alpha = beta = 1.0 if self.method in ("full", "base") else round(math.sqrt(self.keep_ratio), 6)
+        out = {
             "select.method": select_method,
             "select.question_keep_ratio": alpha,
             "select.keep_ratio": beta,
@@ -98,6 +103,9 @@ class RunSpec:
             "finetune.seed": self.seed,
             "restyle.enabled": restyle,
         }
+        if self.method == "base":
+            out["finetune.mode"] = "none"
+        return out
 
 
 def parse_list(text: str, kind: type) -> list[Any]:
@@ -109,7 +117,8 @@ def parse_list(text: str, kind: type) -> list[Any]:
 
 def plan_runs(ratios: Iterable[float], seeds: Iterable[int], methods: Iterable[str] = DEFAULT_METHODS,
               prefix: str = PREFIX) -> list[RunSpec]:
-    """One run per (method, ratio, seed); `full` once per seed (its keep ratio is 1)."""
+    """One run per (method, ratio, seed); `full` once per seed (its keep ratio is 1); `base` once
+    (keep ratio 0, first seed: nothing in it depends on a seed)."""
     ratios, seeds, methods = list(ratios), list(seeds), list(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -122,6 +131,10 @@ def plan_runs(ratios: Iterable[float], seeds: Iterable[int], methods: Iterable[s
     runs = []
     for seed in seeds:
         for method in methods:
+            if method == "base":
+                if seed == seeds[0]:
+                    runs.append(RunSpec(method, 0.0, seed, prefix))
+                continue
             for ratio in [1.0] if method == "full" else ratios:
                 runs.append(RunSpec(method, ratio, seed, prefix))
     return runs
@@ -184,7 +197,11 @@ def parse_exp_show(data: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def method_of(params: dict[str, Any]) -> str | None:
     select, restyle = params.get("select.method"), bool(params.get("restyle.enabled", True))
+    if params.get("finetune.mode") == "none":
+        return "base"
     for name, (m, r) in METHODS.items():
+        if name == "base":
+            continue
         if m == select and r == restyle:
             return name
     return None
@@ -201,7 +218,7 @@ def experiment_rows(experiments: list[dict[str, Any]], prefix: str = PREFIX) -> 
         method = method_of(p)
         if method is None:
             continue
-        ratio = 1.0 if method == "full" else p.get("select.question_keep_ratio", 1.0) * p.get("select.keep_ratio", 1.0)
+        ratio = 1.0 if method == "full" else 0.0 if method == "base" else p.get("select.question_keep_ratio", 1.0) * p.get("select.keep_ratio", 1.0)
         row: dict[str, Any] = {
             "method": method,
             "keep_ratio": round(ratio, 4),

@@ -14,7 +14,11 @@ Baselines of exactly the same per-type, per-step counts:
 - `random`: a seeded shuffle per type and step (seeded by `select.seed`, not `base.seed`, so an
   experiment can redraw it without rerunning anything upstream);
 - `length`: longest question set, then longest answers (a cheap heuristic);
-- `all`: keep every scored record (the full-data baseline).
+- `all`: keep every scored record (the full-data baseline);
+- `oracle` (a diagnostic upper bound, never the method): the records known to be clean first,
+  in a seeded order: question stage by "no question defect", answer stage by "no defect at all".
+  The flags come from outside (`clean=` of `select`; the demo's select stage reads them from the
+  demo world's oracle); the reward path never sees them.
 Baselines keep candidate 0 (the original answer) where a turn has candidates: they must not
 borrow the reward model's choice.
 
@@ -44,7 +48,7 @@ from align2llava.errors import DataError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("reward", "random", "length", "all")
+METHODS = ("reward", "random", "length", "all", "oracle")
 STEPS = ("pool", "question", "answer")
 
 
@@ -52,13 +56,15 @@ class SelectParams(Section):
     """The `select:` section of params.yaml."""
 
     # reward (the method), or a baseline of the same counts: random, length, all (keep all).
-    method: Literal["reward", "random", "length", "all"] = "reward"
+    method: Literal["reward", "random", "length", "all", "oracle"] = "reward"
     # alpha: share of each task type kept by question score.
     question_keep_ratio: float = Field(0.3, ge=0.0, le=1.0)
     # beta: share of the question-kept records then kept by answer score.
     keep_ratio: float = Field(0.3, ge=0.0, le=1.0)
-    # Seeds the `random` baseline only.
+    # Seeds the `random` baseline and the order of equally clean records for `oracle`.
     seed: int = 0
+    # Demo diagnostics only: the defect oracle that method `oracle` reads (no other method does).
+    oracle: str = "data/synthesize/oracle.jsonl"
     # Records without a "task": the first regex (searched in the id) that matches names the type.
     task_map: dict[str, str] = Field(default_factory=dict)
     default_task: str = "all"
@@ -185,10 +191,30 @@ def _draw(ids: list[str], n: int, rng: random.Random) -> list[str]:
     return pool[:n]
 
 
+def _oracle_keys(ids: list[str], clean: dict[str, tuple[bool, bool]], seed: int
+                 ) -> tuple[dict[str, float], dict[str, float]]:
+    """Question and answer keys of `oracle`: 1 when clean, plus a seeded jitter in [0, 0.5) so that
+    among equally clean records the seed decides."""
+    rng = random.Random(f"oracle:{seed}")
+    q_key, a_key = {}, {}
+    for rid in sorted(ids):
+        if rid not in clean:
+            raise DataError(f"oracle: no row for pool record {rid}")
+        q_clean, all_clean = clean[rid]
+        q_key[rid] = float(q_clean) + 0.5 * rng.random()
+        a_key[rid] = float(all_clean) + 0.5 * rng.random()
+    return q_key, a_key
+
+
 def select(
-    pool: list[dict[str, Any]], scores: dict[str, ScoreRow], params: SelectParams
+    pool: list[dict[str, Any]], scores: dict[str, ScoreRow], params: SelectParams,
+    clean: dict[str, tuple[bool, bool]] | None = None,
 ) -> Selection:
-    """Run the two-stage selection over `pool` (LLaVA records with ids) and its scores."""
+    """Run the two-stage selection over `pool` (LLaVA records with ids) and its scores.
+
+    `clean` (method `oracle` only): {id: (question clean, record clean)}."""
+    if (params.method == "oracle") != (clean is not None):
+        raise DataError("select: method 'oracle' needs the clean flags, and only it takes them")
     seen: set[str] = set()
     for i, rec in enumerate(pool):
         rid = str(rec["id"])
@@ -232,6 +258,8 @@ def select(
         lengths = {rid: _length_scores(records[rid]) for rid in scores}
         q_key = {rid: v[0] for rid, v in lengths.items()}
         a_key = {rid: v[1] for rid, v in lengths.items()}
+    elif params.method == "oracle":
+        q_key, a_key = _oracle_keys(list(scores), clean or {}, params.seed)
 
     dropped_at: dict[str, str | None] = {rid: "unscored" for rid in unscored}
     counts: dict[str, dict[str, int]] = {}
@@ -362,6 +390,7 @@ def run_select(
     params: SelectParams,
     out_dir: str | Path = "data/select",
     plots_dir: str | Path = "plots/select",
+    clean: dict[str, tuple[bool, bool]] | None = None,
 ) -> Selection:
     """Read the pool and its scores, select, write selected.json, audit.jsonl and the plots.
 
@@ -376,7 +405,7 @@ def run_select(
     if unreadable:
         log.warning("%s: %s entries unreadable or without id, skipped", pool_path, f"{unreadable:,}")
     scores = parse_scores(read_jsonl_strict(scores_path), str(scores_path))
-    result = select(pool, scores, params)
+    result = select(pool, scores, params, clean)
     result.metrics["unreadable"] = unreadable
     out = Path(out_dir)
     write_records(result.selected, out / "selected.json", "json")

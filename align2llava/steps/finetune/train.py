@@ -52,7 +52,9 @@ class FinetuneParams(Section):
     LLaVA-1.5's stage-2 settings."""
 
     # "lora": peft LoRA on the LLM + trainable projector; "full": LLM and projector trained.
-    mode: Literal["lora", "full"] = "lora"  # paper: lora
+    # paper: lora. none: save the base unchanged (the not-fine-tuned baseline of the compression
+    # experiment)
+    mode: Literal["lora", "full", "none"] = "lora"
     seed: int = 0
     learning_rate: float = 2.0e-4  # paper: 2.0e-4
     # The projector's own learning rate (LLaVA's mm_projector_lr); null: learning_rate.
@@ -256,6 +258,12 @@ def finetune(
 
     set_seed(params.seed)
     model, processor = load_mllm(base_model, dtype="float32")
+    if params.mode == "none":
+        save_model(model, processor, out_dir)
+        log.info("mode none: %s saved unchanged to %s (no training)", base_model, out_dir)
+        metrics = {"train_records": 0, "steps": 0, "train_loss": None, "first_loss": None,
+                   "final_loss": None, "train_seconds": 0.0, **peak_memory_mb()}
+        return FinetuneResult(metrics, [], model)
     examples = prepare_examples(
         records, processor, file=str(data), max_length=params.max_length, image_root=image_root
     )
