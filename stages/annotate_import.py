@@ -1,7 +1,8 @@
 """annotate-import: human preference annotations -> strict (chosen, rejected) pairs.
 
 Reads the files named in params.yaml `annotate_import` (the paper's released question/answer
-files, a Label Studio export or a plain table), writes data/annotate_import/pairs.jsonl and
+files, a Label Studio export, checked against the tasks file annotation-tasks wrote, or a plain
+table), writes data/annotate_import/pairs.jsonl and
 rejects.jsonl (docs/formats.md) and metrics/annotate_import.json.
 """
 
@@ -38,6 +39,7 @@ def main(params_file: Path, out_dir: Path) -> None:
                 questions=p.questions,
                 answers=p.answers,
                 input=p.input,
+                tasks=p.tasks,
                 out_dir=out_dir,
                 image_root=base.image_root if p.check_images else None,
                 rating_max=p.rating_max,
