@@ -18,7 +18,7 @@ from align2llava.steps.annotations.agreement import krippendorff_alpha_interval
 from align2llava.steps.annotations.candidates import allocate, make_annotation_tasks, sample_records
 from align2llava.steps.annotations.importer import import_annotations, read_pairs
 from align2llava.steps.annotations.labelstudio import image_from_url
-from align2llava.steps.annotations.tasks import AnnotationTasksParams
+from align2llava.steps.annotations.tasks import AnnotationTasksParams, image_url
 from tests.conftest import llava_record, make_image
 
 # ----------------------------------------------------------------------------- agreement
@@ -245,6 +245,9 @@ def test_bad_exports_are_rejected_with_one_line_reasons(project):
 
 
 def test_images_as_label_studio_serves_them(tmp_path):
+    assert image_url("/data/local-files/?d={path}", "data/imgs", "train/7 a.png") == "/data/local-files/?d=data/imgs/train/7%20a.png"
+    assert image_url("/data/local-files/?d={path}", "/srv/imgs", "7.png") == "/data/local-files/?d=srv/imgs/7.png"
+    assert image_url("https://h.org/i/{image}", "/srv/imgs", "train/7.png") == "https://h.org/i/train/7.png"
     root = tmp_path / "data" / "imgs"
     make_image(root / "train" / "79.png")
     assert image_from_url("/data/local-files/?d=train/79.png", root) == "train/79.png"

@@ -111,10 +111,13 @@ class RecordCandidates:
 
 
 def image_url(template: str, image_root: str | Path, image: str) -> str:
-    """The URL Label Studio shows for `image` (a path under the image root)."""
+    """The URL Label Studio shows for `image` (a path under the image root), from `template`
+    with {path} (image root / image, no leading slash) and {image}, both URL-quoted."""
     root = PurePosixPath(str(image_root).replace("\\", "/")).as_posix()
     path = image if root in ("", ".") else f"{root.rstrip('/')}/{image}"
-    return template.format(path=quote(path, safe="/"), image=quote(image, safe="/"))
+    # local-files paths are relative to LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT ("/" for an
+    # absolute image root)
+    return template.format(path=quote(path.lstrip("/"), safe="/"), image=quote(image, safe="/"))
 
 
 def group_name(record_id: str, kind: str, turn: int | None) -> str:
