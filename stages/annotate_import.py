@@ -56,6 +56,11 @@ def main(params_file: Path, out_dir: Path) -> None:
             f"{m['pairs_train']:,}", f"{m['pairs_val']:,}", f"{m['ties_dropped']:,}",
             f"{m['rejected_rows']:,}", time.time() - t0, out_dir / "pairs.jsonl",
         )
+        if "annotations" in m:  # a Label Studio export
+            log.info("%s annotations by %s annotators (%s cancelled), %s tasks not annotated, %s skipped; "
+                     "agreement (Krippendorff's alpha, interval) %s over %s candidates rated twice or more",
+                     f"{m['annotations']:,}", m["annotators"], m["annotations_cancelled"],
+                     m["tasks_unannotated"], m["tasks_skipped"], m["agreement_alpha"], m["agreement_units"])
 
 
 if __name__ == "__main__":

@@ -140,6 +140,27 @@ def test_tasks_config_and_table(project):
     assert [json.loads(x) for x in (tmp / "out" / "candidates.jsonl").read_text().splitlines()][3]["candidate_index"] == 0
 
 
+def test_unequal_candidate_counts_pad_the_spare_slots(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_image(tmp_path / "images" / "a.png")
+    make_image(tmp_path / "images" / "b.png")
+    (tmp_path / "pool.json").write_text(json.dumps(POOL[2:]))
+    p = AnnotationTasksParams(records=2, question_candidates=1, answer_candidates=2)
+    make_annotation_tasks(p, pool="pool.json", image_root="images", model="unused", out_dir="out",
+                          generator=fake_generator())
+    tasks = [t["data"] for t in json.loads((tmp_path / "out" / "tasks.json").read_text())]
+    assert [(d["kind"], d["n_candidates"], d["candidate_2"] == "") for d in tasks] == [
+        ("question", 2, True), ("question", 2, True), ("answer", 3, False), ("answer", 3, False)]
+    root = ET.fromstring((tmp_path / "out" / "labeling_config.xml").read_text())
+    assert [r.get("required") for r in root.findall("Rating")] == ["true", "true", "false"]
+    export = [{"id": i + 1, "data": d, "annotations": [_annotation(i + 1, i + 1, 1, [5, 1, 3][: d["n_candidates"]])]}
+              for i, d in enumerate(tasks)]
+    (tmp_path / "export.json").write_text(json.dumps(export))
+    res = import_annotations("labelstudio", input="export.json", tasks="out/tasks.json", out_dir="imp",
+                             image_root="images")
+    assert (res.metrics()["pairs_question"], res.metrics()["pairs_answer"], res.metrics()["rejected_rows"]) == (2, 6, 0)
+
+
 def _result(k, stars, rid):
     return {"id": f"{rid}{k}", "type": "rating", "value": {"rating": stars}, "origin": "manual",
             "to_name": f"candidate_{k}", "from_name": f"rating_{k}"}
@@ -313,6 +334,10 @@ def test_stage_and_cli_on_a_tiny_mllm(tmp_path, monkeypatch, tiny_llava):
                                    "--reject-budget", "2"])
     assert res.exit_code == 0, res.output
     assert "tasks" in res.output and (tmp_path / "cli" / "labeling_config.xml").is_file()
+    params["annotation_tasks"]["question_prompt"] = "Ask about {n} things: {question}"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    res = CliRunner().invoke(main, [])
+    assert res.exit_code == 1 and "annotation_tasks.question_prompt: Value error, a prompt may hold only" in res.output
     res = CliRunner().invoke(cli, ["annotation-tasks", "--pool", "pool.json", "--image-root", "images", "--model",
                                    str(tiny_llava), "--out-dir", "cli", "--temperature", "0"])
     assert res.exit_code == 1 and "Error: --temperature: Input should be greater than 0" in res.output

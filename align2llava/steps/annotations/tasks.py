@@ -33,7 +33,7 @@ from typing import Any, Literal
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from align2llava.config import Section
 from align2llava.data.records import strip_image_token
@@ -95,6 +95,24 @@ class AnnotationTasksParams(Section):
     # pool (< 1) or a count (>= 1).
     reject_budget: float = Field(0.01, ge=0.0)
 
+    @field_validator("question_prompt", "answer_prompt")
+    @classmethod
+    def _one_placeholder(cls, v: str) -> str:
+        try:
+            v.format(question="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"a prompt may hold only the placeholder {{question}} ({{{{ and }}}} for braces): {exc!r}")
+        return v
+
+    @field_validator("image_url")
+    @classmethod
+    def _url_placeholders(cls, v: str) -> str:
+        try:
+            v.format(path="", image="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"image_url may hold only the placeholders {{path}} and {{image}}: {exc!r}")
+        return v
+
 
 @dataclass
 class RecordCandidates:
@@ -140,17 +158,24 @@ def task_groups(items: list[RecordCandidates]) -> list[dict[str, Any]]:
 
 def build_tasks(items: list[RecordCandidates], image_root: str | Path,
                 url_template: str = LOCAL_FILES) -> list[dict[str, Any]]:
-    """Label Studio tasks (import format: [{"data": {...}}]) for the candidates' groups."""
+    """Label Studio tasks (import format: [{"data": {...}}]) for the candidates' groups.
+
+    Label Studio refuses a task that lacks a variable of the labeling config, so groups with
+    fewer candidates than the largest carry the spare `candidate_<k>` as "" (n_candidates says
+    how many are real; the config leaves those ratings optional).
+    """
+    groups = task_groups(items)
+    slots = max((len(g["candidates"]) for g in groups), default=0)
     tasks = []
-    for g in task_groups(items):
+    for g in groups:
         it: RecordCandidates = g["record"]
         data: dict[str, Any] = {
             "record_id": it.record_id, "task_type": it.task_type, "kind": g["kind"], "turn": g["turn"],
             "image": image_url(url_template, image_root, it.image), "image_path": it.image,
             "heading": HEADINGS[g["kind"]], "prompt": g["prompt"], "n_candidates": len(g["candidates"]),
         }
-        for k, c in enumerate(g["candidates"]):
-            data[f"candidate_{k}"] = c
+        for k in range(slots):
+            data[f"candidate_{k}"] = g["candidates"][k] if k < len(g["candidates"]) else ""
         tasks.append({"data": data})
     return tasks
 
