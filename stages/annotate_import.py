@@ -1,7 +1,8 @@
 """annotate-import: human preference annotations -> strict (chosen, rejected) pairs.
 
 Reads the files named in params.yaml `annotate_import` (the paper's released question/answer
-files, a Label Studio export or a plain table), writes data/annotate_import/pairs.jsonl and
+files, a Label Studio export, checked against the tasks file annotation-tasks wrote, or a plain
+table), writes data/annotate_import/pairs.jsonl and
 rejects.jsonl (docs/formats.md) and metrics/annotate_import.json.
 
     python -m stages.annotate_import            # reads params.yaml (base, annotate_import)
@@ -40,6 +41,7 @@ def main(params_file: Path, metrics_dir: Path, verbose: bool, out_dir: Path) -> 
                 questions=p.questions,
                 answers=p.answers,
                 input=p.input,
+                tasks=p.tasks,
                 out_dir=out_dir,
                 image_root=base.image_root if p.check_images else None,
                 rating_max=p.rating_max,
@@ -56,6 +58,11 @@ def main(params_file: Path, metrics_dir: Path, verbose: bool, out_dir: Path) -> 
             f"{m['pairs_train']:,}", f"{m['pairs_val']:,}", f"{m['ties_dropped']:,}",
             f"{m['rejected_rows']:,}", time.time() - t0, out_dir / "pairs.jsonl",
         )
+        if "annotations" in m:  # a Label Studio export
+            log.info("%s annotations by %s annotators (%s cancelled), %s tasks not annotated, %s skipped; "
+                     "agreement (Krippendorff's alpha, interval) %s over %s candidates rated twice or more",
+                     f"{m['annotations']:,}", m["annotators"], m["annotations_cancelled"],
+                     m["tasks_unannotated"], m["tasks_skipped"], m["agreement_alpha"], m["agreement_units"])
 
 
 if __name__ == "__main__":

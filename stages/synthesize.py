@@ -34,7 +34,7 @@ def main(params_file: Path, metrics_dir: Path, verbose: bool, out_dir: Path, sou
         params = load_section("synthesize", SynthesizeParams, params_file)
         logged = {"base": base.model_dump(), "synthesize": params.model_dump()}
         with stage_run("synthesize", logged, metrics_dir=metrics_dir) as run:
-            m = synthesize(params, base.seed, out_dir, source)
+            m = synthesize(params, base.seed, out_dir, source, base.image_root)
             run.log_metrics(m)
     pool, ann = m["pool"], m["annotations"]
     log.info("pool: %s records (%s conversation, %s detail, %s complex_reasoning), %.1f%% clean",

@@ -174,7 +174,7 @@ def test_labelstudio_ratings_numbers_rankers_and_averaging(tmp_path, image_root)
     m = res.metrics()
     assert m["ties_dropped"] == 2 and m["rejected_rows"] == 2
     rows = [json.loads(x) for x in (tmp_path / "o" / "rejects.jsonl").read_text().splitlines()]
-    assert "outside 1..5" in rows[0]["reason"] and "candidate_1 has no rating" in rows[1]["reason"]
+    assert "outside 1..5" in rows[0]["reason"] and "no rating for candidate_1" in rows[1]["reason"]
 
 
 # ----------------------------------------------------------------------------- table

@@ -97,8 +97,12 @@ def test_annotation_files_in_released_format(world):
     questions = json.loads((out / "annotations" / "question.json").read_text())
     answers = json.loads((out / "annotations" / "answer.json").read_text())
     ls = json.loads((out / "annotations" / "labelstudio.json").read_text())
+    tasks = json.loads((out / "annotations" / "tasks.json").read_text())
     assert len(questions) == len(answers) == round(0.5 * TINY_WORLD["pool_per_task"]) * 3
-    ls_by_group = {t["data"]["group"]: t for t in ls}
+    # the export holds the tasks file's tasks, in its order (questions, then answers), as imported
+    assert [t["data"] for t in ls] == [t["data"] for t in tasks]
+    assert [t["data"]["kind"] for t in tasks] == ["question"] * len(questions) + ["answer"] * (len(tasks) - len(questions))
+    ls_by_group = {(t["data"]["record_id"], t["data"]["kind"], t["data"]["turn"]): t for t in ls}
     for q in questions:
         assert set(q) == {"id", "image", "questions", "score"}
         rec = pool[q["id"]]
@@ -107,11 +111,12 @@ def test_annotation_files_in_released_format(world):
         assert not any("<image>" in s for cand in q["questions"][1:] for s in cand)
         assert len(q["questions"]) == len(q["score"]) == 4
         assert all(s in (0.0, 0.25, 0.5, 0.75, 1.0) for s in q["score"])
-        task = ls_by_group[f"{q['id']}/question"]
-        assert task["data"]["kind"] == "question" and task["data"]["prompt"] == ""
+        task = ls_by_group[(q["id"], "question", None)]
+        assert task["data"]["prompt"] == "" and task["data"]["image_path"] == q["image"]
+        assert task["data"]["image"] == f"/data/local-files/?d=data/synthesize/images/{q['image']}"
         ratings = [r["value"]["rating"] for r in task["annotations"][0]["result"]]
         assert ratings == [1 + round(s * 4) for s in q["score"]]
-        assert task["data"]["candidates"][0] == "\n".join(s.replace("<image>", "").strip() for s in q["questions"][0])
+        assert task["data"]["candidate_0"] == "\n".join(s.replace("<image>", "").strip() for s in q["questions"][0])
     assert validate_records(answers, "answer.json", image_root=out / "images", allow_candidates=True) == []
     for a in answers:
         assert set(a) == {"id", "image", "conversations"}
@@ -121,13 +126,45 @@ def test_annotation_files_in_released_format(world):
             assert human == rec["conversations"][k]
             assert gpt["value"][0] == rec["conversations"][k + 1]["value"]
             assert len(gpt["value"]) == len(gpt["score"]) == 4
-            task = ls_by_group[f"{a['id']}/answer/{k // 2}"]
+            task = ls_by_group[(a["id"], "answer", k // 2)]
             assert task["data"]["prompt"] == human["value"].replace("<image>", "").strip()
-            assert task["data"]["candidates"] == gpt["value"]
+            assert [task["data"][f"candidate_{j}"] for j in range(task["data"]["n_candidates"])] == gpt["value"]
             result = task["annotations"][0]["result"]
+            assert {r["type"] for r in result} == {"rating"} and {r["origin"] for r in result} == {"manual"}
+            assert task["annotations"][0]["was_cancelled"] is False and task["predictions"] == []
             assert [r["to_name"] for r in result] == [f"candidate_{j}" for j in range(4)]
             assert [r["value"]["rating"] for r in result] == [1 + round(s * 4) for s in gpt["score"]]
     assert [t["id"] for t in ls] == list(range(1, len(ls) + 1))
+
+
+@pytest.mark.parametrize("annotators", [1, 2])
+def test_label_studio_path_gives_the_released_files_pairs(world, tmp_path, monkeypatch, annotators):
+    """annotate-import of the simulated Label Studio export (checked against the tasks file) and
+    of the released-format files: the same pairs, same ids, same order; with two annotators the
+    released files hold their mean and agreement is measured."""
+    from align2llava.steps.annotations.importer import import_annotations
+
+    monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
+    out = world / "a"
+    if annotators > 1:
+        out = tmp_path / "w"
+        res = _run(tmp_path, out, annotators=annotators)
+        assert res.exit_code == 0, res.output
+    ann = out / "annotations"
+    ls = import_annotations("labelstudio", input=ann / "labelstudio.json", tasks=ann / "tasks.json",
+                            out_dir=tmp_path / "ls", image_root=out / "images")
+    paper = import_annotations("align2llava", questions=ann / "question.json", answers=ann / "answer.json",
+                               out_dir=tmp_path / "paper", image_root=out / "images")
+    assert ls.pairs == paper.pairs and len(ls.pairs) > 50
+    assert (tmp_path / "ls" / "pairs.jsonl").read_bytes() == (tmp_path / "paper" / "pairs.jsonl").read_bytes()
+    m = ls.metrics()
+    assert m["annotators"] == annotators and m["rejected_rows"] == 0
+    assert m["annotations"] == annotators * m["groups_question"] + annotators * m["groups_answer"]
+    if annotators == 1:
+        assert m["agreement_alpha"] is None and m["agreement_units"] == 0
+    else:
+        # the same rubric with independent one-step slips at rate 0.15: high, not perfect
+        assert 0.8 < m["agreement_alpha"] < 1.0
 
 
 def test_benchmark_and_captions(world):

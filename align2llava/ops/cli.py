@@ -82,18 +82,65 @@ def convert(src: Path, dst: Path, src_fmt: str | None, dst_fmt: str | None) -> N
     click.echo(f"wrote {len(loaded.records):,} records to {dst}")
 
 
+@main.command("annotation-tasks")
+@click.option("--pool", required=True, type=click.Path(path_type=Path), help="The instruction pool (LLaVA JSON/JSONL/parquet/HF/messages).")
+@click.option("--image-root", required=True, type=click.Path(path_type=Path), help="Folder the records' image paths are relative to.")
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="The MLLM that writes the candidates (HF layout, e.g. your base checkpoint).")
+@click.option("--out-dir", required=True, type=click.Path(path_type=Path), help="Writes tasks.json, labeling_config.xml, candidates.csv/.jsonl and rejects.jsonl here.")
+@click.option("--records", type=int, default=300, show_default=True, help="Pool records to sample (stratified by task type).")
+@click.option("--question-candidates", type=int, default=3, show_default=True, help="Extra question sets per record (the original is candidate 0).")
+@click.option("--answer-candidates", type=int, default=3, show_default=True, help="Extra answers per turn (the original is candidate 0).")
+@click.option("--temperature", type=float, default=0.8, show_default=True, help="Sampling temperature (> 0).")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Token cap per answer.")
+@click.option("--image-url", default="/data/local-files/?d={path}", show_default=True, help="URL Label Studio shows per image: {path} = IMAGE_ROOT/<image>, {image} = the path under the image root.")
+@click.option("--rating-max", type=int, default=5, show_default=True, help="Stars per rating (1..max map to [0, 1]).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sample and of sampling.")
+@click.option("--reject-budget", type=float, default=0.01, show_default=True, help="Records left out allowed: a fraction of the pool (< 1) or a count (>= 1).")
+def annotation_tasks_cmd(pool: Path, image_root: Path, model: Path, out_dir: Path, records: int, question_candidates: int,
+                         answer_candidates: int, temperature: float, max_new_tokens: int, image_url: str,
+                         rating_max: int, seed: int, reject_budget: float) -> None:
+    """Sample pool records, have the MLLM write extra candidates, write a Label Studio project.
+
+    Prompts and the other settings: the `annotation_tasks:` section of params.yaml (the DVC
+    stage annotation-tasks); docs/annotation.md walks through rating and importing.
+    """
+    from pydantic import ValidationError
+
+    from align2llava.steps.annotations.candidates import make_annotation_tasks
+    from align2llava.steps.annotations.tasks import AnnotationTasksParams
+
+    with user_errors():
+        if not image_root.is_dir():
+            raise click.ClickException(f"{image_root}: image root is not a folder")
+        try:
+            p = AnnotationTasksParams(records=records, question_candidates=question_candidates,
+                                      answer_candidates=answer_candidates, temperature=temperature,
+                                      max_new_tokens=max_new_tokens, image_url=image_url, rating_max=rating_max,
+                                      reject_budget=reject_budget)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise click.ClickException(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}") from None
+        m = make_annotation_tasks(p, pool=pool, image_root=image_root, model=model, out_dir=out_dir, seed=seed)
+    click.echo(
+        f"wrote {m['tasks']:,} tasks ({m['tasks_question']:,} question, {m['tasks_answer']:,} answer; "
+        f"{m['candidates']:,} candidates) for {m['records']:,} records to {out_dir / 'tasks.json'}, "
+        f"with {out_dir / 'labeling_config.xml'} and {out_dir / 'candidates.csv'}; {m['rejected']:,} records rejected"
+    )
+
+
 @main.command("import-annotations")
 @click.option("--format", "fmt", required=True, type=click.Choice(["align2llava", "labelstudio", "table"]), help="align2llava: the paper's released question/answer files; labelstudio: a Label Studio JSON export; table: CSV/JSONL rows (group, image, kind, candidate, score, prompt).")
 @click.option("--questions", type=click.Path(path_type=Path), help="align2llava: the question-preference file.")
 @click.option("--answers", type=click.Path(path_type=Path), help="align2llava: the answer-preference file.")
 @click.option("--input", "input_", type=click.Path(path_type=Path), help="labelstudio / table: the input file.")
+@click.option("--tasks", type=click.Path(path_type=Path), help="labelstudio: the tasks file the export came from (annotation-tasks writes it); every exported task must be one of its tasks.")
 @click.option("--out-dir", required=True, type=click.Path(path_type=Path), help="Writes pairs.jsonl and rejects.jsonl here.")
 @click.option("--image-root", type=click.Path(path_type=Path), help="Reject rows whose image is not a file under this folder.")
 @click.option("--val-fraction", type=float, default=0.2, show_default=True, help="Fraction of images held out for validation.")
 @click.option("--rating-max", type=int, default=5, show_default=True, help="Label Studio rating scale maximum (ratings 1..max map to [0, 1]).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the image split.")
 @click.option("--reject-budget", type=float, default=0.01, show_default=True, help="Rejected rows allowed per file: a fraction (< 1) or a count (>= 1).")
-def import_annotations_cmd(fmt: str, questions: Path | None, answers: Path | None, input_: Path | None, out_dir: Path, image_root: Path | None, val_fraction: float, rating_max: int, seed: int, reject_budget: float) -> None:
+def import_annotations_cmd(fmt: str, questions: Path | None, answers: Path | None, input_: Path | None, tasks: Path | None, out_dir: Path, image_root: Path | None, val_fraction: float, rating_max: int, seed: int, reject_budget: float) -> None:
     """Turn human preference annotations into strict (chosen, rejected) pairs: OUT_DIR/pairs.jsonl.
 
     Every two candidates of a group with different scores make one pair; ties make none.
@@ -104,7 +151,7 @@ def import_annotations_cmd(fmt: str, questions: Path | None, answers: Path | Non
         if image_root is not None and not image_root.is_dir():
             raise click.ClickException(f"{image_root}: image root is not a folder")
         res = import_annotations(
-            fmt, questions=questions, answers=answers, input=input_, out_dir=out_dir,
+            fmt, questions=questions, answers=answers, input=input_, tasks=tasks, out_dir=out_dir,
             image_root=image_root, rating_max=rating_max, val_fraction=val_fraction, seed=seed,
             reject_budget=reject_budget,
         )
@@ -114,6 +161,12 @@ def import_annotations_cmd(fmt: str, questions: Path | None, answers: Path | Non
         f"{m['pairs_answer']:,} answer ({m['pairs_train']:,} train, {m['pairs_val']:,} val); "
         f"{m['ties_dropped']:,} ties dropped; {m['rejected_rows']:,} rows rejected"
     )
+    if "annotations" in m:
+        click.echo(
+            f"{m['annotations']:,} annotations by {m['annotators']} annotators ({m['annotations_cancelled']} cancelled); "
+            f"{m['tasks_unannotated']} tasks not annotated, {m['tasks_skipped']} skipped; agreement "
+            f"(Krippendorff's alpha, interval): {m['agreement_alpha']} over {m['agreement_units']} candidates rated twice or more"
+        )
 
 
 @main.command()

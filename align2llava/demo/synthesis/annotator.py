@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
+from align2llava.data.records import strip_image_token
 from align2llava.demo.synthesis.params import STEP
 from align2llava.demo.synthesis.world import COLORS, SHAPES, _words
 from align2llava.demo.synthesis.writer import ENTITIES, _present, answer_candidates, asserted_words, question_candidates
+from align2llava.steps.annotations.tasks import RecordCandidates, build_tasks
 
 if TYPE_CHECKING:
     from align2llava.demo.synthesis.params import SynthesizeParams
@@ -21,6 +25,7 @@ SPECIFIC = {"shape", "shapes", "color", "colour", "object", "sides", "edges", "r
             "analyze", *SHAPES, *COLORS}
 REASONING = {"why", "explain", "could", "would", "if", "reasoning", "based", "describe", "detail",
              "detailed", "analyze", "elaborate"}
+EPOCH = datetime(2024, 1, 1, tzinfo=timezone.utc)  # the simulated export's clock (deterministic)
 
 
 def judge_question(question: str, t: Truth) -> float:
@@ -87,7 +92,8 @@ def annotate(score: float, rng: random.Random, noise: float) -> float:
 class Annotations:
     question: list[dict[str, Any]]  # the released question-preference format
     answer: list[dict[str, Any]]  # the released answer-preference format
-    labelstudio: list[dict[str, Any]]
+    tasks: list[dict[str, Any]]  # Label Studio tasks, as annotation-tasks writes them
+    labelstudio: list[dict[str, Any]]  # the same tasks annotated: an export as Label Studio writes it
     groups: int = 0
     candidates: int = 0
     pairs: int = 0
@@ -105,36 +111,76 @@ def _pairs(scores: list[float]) -> tuple[int, int]:
     return strict, ties
 
 
-def build_annotations(items: list[Item], p: SynthesizeParams, seed: int) -> Annotations:
-    out = Annotations([], [], [])
-    ls_id = 0
+def _mean(ratings: list[list[float]]) -> list[float]:
+    """Per candidate, the mean over annotators (as annotate-import averages them)."""
+    return [sum(r[k] for r in ratings) / len(ratings) for k in range(len(ratings[0]))]
+
+
+def _stamp(minutes: int) -> str:
+    return (EPOCH + timedelta(minutes=minutes)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _region_id(*key: Any) -> str:
+    return hashlib.sha1(":".join(map(str, key)).encode()).hexdigest()[:10]
+
+
+def export_task(tid: int, data: dict[str, Any], ratings: list[list[float]]) -> dict[str, Any]:
+    """One task as a Label Studio JSON export holds it: one annotation per simulated annotator."""
+    anns = []
+    for j, scores in enumerate(ratings):
+        aid = (tid - 1) * len(ratings) + j + 1
+        result = [{"id": _region_id(tid, j, k), "type": "rating", "value": {"rating": 1 + round(s * 4)},
+                   "origin": "manual", "to_name": f"candidate_{k}", "from_name": f"rating_{k}"}
+                  for k, s in enumerate(scores)]
+        anns.append({"id": aid, "completed_by": j + 1, "result": result, "was_cancelled": False,
+                     "ground_truth": False, "created_at": _stamp(2 * aid), "updated_at": _stamp(2 * aid),
+                     "lead_time": round(5.0 + 2.5 * len(scores), 1), "result_count": 0, "task": tid, "project": 1})
+    return {"id": tid, "data": data, "annotations": anns, "predictions": [], "created_at": _stamp(0),
+            "updated_at": _stamp(2 * tid * len(ratings)), "project": 1}
+
+
+def build_annotations(items: list[Item], p: SynthesizeParams, seed: int,
+                      image_root: str = "data/synthesize/images") -> Annotations:
+    """Candidates and simulated judgements in the released format and through Label Studio.
+
+    Annotator 0 draws its noise from the same random stream as the candidates (as before there
+    were several); annotator j > 0 rates the same candidates by the same rubric with noise from
+    its own stream. The released files hold the mean over annotators.
+    """
+    out = Annotations([], [], [], [])
+    ratings: dict[tuple[str, str, int | None], list[list[float]]] = {}
+    cands_by_record = []
     for item in items:
         rid, t = item.record["id"], item.truth
         rng = random.Random(f"{seed}:annotate:{rid}")
-        groups: list[tuple[str, str, list[str], list[float]]] = []
+        others = [random.Random(f"{seed}:annotate:{j}:{rid}") for j in range(1, p.annotators)]
         qsets = question_candidates(item, rng, p.question_candidates)
-        qscores = [annotate(judge_questions(qs, t), rng, p.annotator_noise) for qs in qsets]
-        out.question.append({"id": rid, "image": t.image, "questions": qsets, "score": qscores})
-        groups.append(("question", "", ["\n".join(q.replace("<image>", "").strip() for q in qs) for qs in qsets],
-                       qscores))
-        convs = []
+        qtrue = [judge_questions(qs, t) for qs in qsets]
+        qrat = [[annotate(s, rng, p.annotator_noise) for s in qtrue]]
+        qrat += [[annotate(s, o, p.annotator_noise) for s in qtrue] for o in others]
+        out.question.append({"id": rid, "image": t.image, "questions": qsets, "score": _mean(qrat)})
+        ratings[(rid, "question", None)] = qrat
+        convs, turns = [], []
         for k, turn in enumerate(item.turns):
             cands = answer_candidates(turn, t, rng, p.answer_candidates)
-            scores = [annotate(judge_answer(turn, a, t), rng, p.annotator_noise) for a in cands]
-            convs += [dict(item.record["conversations"][2 * k]), {"from": "gpt", "value": cands, "score": scores}]
-            groups.append(("answer", turn.question, cands, scores))
+            atrue = [judge_answer(turn, a, t) for a in cands]
+            arat = [[annotate(s, rng, p.annotator_noise) for s in atrue]]
+            arat += [[annotate(s, o, p.annotator_noise) for s in atrue] for o in others]
+            human = item.record["conversations"][2 * k]
+            convs += [dict(human), {"from": "gpt", "value": cands, "score": _mean(arat)}]
+            turns.append((strip_image_token(human["value"]), cands))
+            ratings[(rid, "answer", k)] = arat
         out.answer.append({"id": rid, "image": t.image, "conversations": convs})
-        for g, (kind, prompt, cands, scores) in enumerate(groups):
-            ls_id += 1
-            name = f"{rid}/question" if kind == "question" else f"{rid}/answer/{g - 1}"
-            result = [{"from_name": "rating", "to_name": f"candidate_{j}", "type": "rating",
-                       "value": {"rating": 1 + round(s * 4)}} for j, s in enumerate(scores)]
-            out.labelstudio.append({"id": ls_id, "data": {"group": name, "image": t.image, "kind": kind,
-                                                          "prompt": prompt, "candidates": cands},
-                                    "annotations": [{"id": ls_id, "result": result}]})
-            strict, ties = _pairs(scores)
-            out.groups += 1
-            out.candidates += len(cands)
-            out.pairs += strict
-            out.ties += ties
+        cands_by_record.append(RecordCandidates(rid, item.record.get("task"), t.image,
+                                                [[strip_image_token(q) for q in qs] for qs in qsets], turns))
+    out.tasks = build_tasks(cands_by_record, image_root)
+    for tid, task in enumerate(out.tasks, start=1):
+        d = task["data"]
+        rat = ratings[(d["record_id"], d["kind"], d["turn"])]
+        out.labelstudio.append(export_task(tid, d, rat))
+        strict, ties = _pairs(_mean(rat))
+        out.groups += 1
+        out.candidates += d["n_candidates"]
+        out.pairs += strict
+        out.ties += ties
     return out

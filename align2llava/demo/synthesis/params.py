@@ -32,6 +32,7 @@ class SynthesizeParams(Section):
     question_candidates: int = Field(4, ge=2)  # per annotated record, the original included
     answer_candidates: int = Field(4, ge=2)  # per annotated turn, the original included
     annotator_noise: float = Field(0.15, ge=0, le=1)  # chance a score moves one 0.25 step
+    annotators: int = Field(1, ge=1)  # simulated annotators per task, each with its own noise
     benchmark_vqa_per_type: int = Field(100, ge=0)
     benchmark_pope: int = Field(200, ge=0)
     captions: int = Field(4000, ge=0)  # train images captioned for pretraining (at most 4,000)

@@ -46,6 +46,7 @@ from align2llava.demo.synthesis.params import DEFECTS, TASKS
 from align2llava.demo.synthesis.world import COLORS, SHAPES, _words, easy_vqa_dir, load_truths, qa_facts, read_split
 from align2llava.demo.synthesis.writer import _a, caption, make_item, oracle_row
 from align2llava.errors import DataError
+from align2llava.steps.annotations.tasks import labeling_config
 
 if TYPE_CHECKING:
     from align2llava.demo.synthesis.params import SynthesizeParams
@@ -127,8 +128,11 @@ def measured_rates(items: list[Item]) -> dict[str, Any]:
 
 
 def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
-               source: str | Path | None = None) -> dict[str, Any]:
-    """Write the demo world to `out_dir` (see the module doc); returns metrics."""
+               source: str | Path | None = None, image_root: str = "data/synthesize/images") -> dict[str, Any]:
+    """Write the demo world to `out_dir` (see the module doc); returns metrics.
+
+    `image_root`: base.image_root, the image folder as the Label Studio tasks name it.
+    """
     start = time.time()
     out, source = Path(out_dir), Path(source) if source else easy_vqa_dir()
     train_images, train_qa = read_split(source, "train")
@@ -152,7 +156,7 @@ def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
     for task in TASKS:
         its = [i for i in items if i.record["task"] == task]
         annotated += sorted(rng.sample(its, round(p.annotate_fraction * len(its))), key=lambda i: i.record["id"])
-    ann = build_annotations(annotated, p, seed)
+    ann = build_annotations(annotated, p, seed, image_root)
     vqa, pope, mism_test = build_benchmark(test_qa, test_images, p, seed)
     caps = [{"id": f"cap-{i:06d}", "image": truths[i].image,
              "caption": caption(truths[i], random.Random(f"{seed}:caption:{i}"))} for i in cap_ids]
@@ -173,6 +177,10 @@ def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
     write_jsonl(caps, out / "captions.jsonl")
     _write_json(ann.question, out / "annotations" / "question.json")
     _write_json(ann.answer, out / "annotations" / "answer.json")
+    _write_json(ann.tasks, out / "annotations" / "tasks.json")
+    sizes = [t["data"]["n_candidates"] for t in ann.tasks] or [1]
+    (out / "annotations" / "labeling_config.xml").write_text(labeling_config(max(sizes), 5, min(sizes)),
+                                                              encoding="utf-8")
     _write_json(ann.labelstudio, out / "annotations" / "labelstudio.json")
     (out / "annotations" / "README.md").write_text(ANNOTATIONS_README, encoding="utf-8")
     write_jsonl(vqa, out / "benchmark" / "vqa.jsonl")
@@ -185,7 +193,7 @@ def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
         "defect_rate": rates["overall"],
         "defect_rate_by_task": rates["by_task"],
         "clean_fraction": rates["clean_fraction"],
-        "annotations": {"records": len(annotated), "groups": ann.groups, "candidates": ann.candidates,
+        "annotations": {"records": len(annotated), "annotators": p.annotators, "groups": ann.groups, "candidates": ann.candidates,
                         "strict_pairs": ann.pairs, "tied_pairs": ann.ties,
                         "tie_rate": round(ann.ties / max(1, ann.pairs + ann.ties), 4)},
         "benchmark": {**{t: sum(r["type"] == t for r in vqa) for t in ("shape", "color", "yes_no")},
@@ -219,6 +227,11 @@ Then, with probability `synthesize.annotator_noise`, the score slips one 0.25 st
   the pool's original (it carries "<image>").
 - answer.json: LLaVA records whose gpt turns hold candidate lists with a parallel "score" list;
   candidate 0 is the pool's original answer.
-- labelstudio.json: the same judgements as a Label Studio export: one task per group
-  ("<id>/question" or "<id>/answer/<turn>"), ratings 1..5 = 1 + round(score * 4).
+- tasks.json: the same candidates as Label Studio tasks, exactly as `annotation-tasks` writes
+  them for a user's pool (one task per group: every question group, then every answer group),
+  and labeling_config.xml, the labeling interface for them.
+- labelstudio.json: those tasks annotated, as Label Studio exports them (task and annotation
+  ids, timestamps, result ids with origin, completed_by, predictions); one annotation per
+  simulated annotator (`synthesize.annotators`), ratings 1..5 = 1 + round(score * 4). With
+  several annotators, question.json and answer.json hold the mean score.
 """

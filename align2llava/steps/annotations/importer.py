@@ -5,13 +5,12 @@ Three inputs, one output (docs/formats.md, data/annotate_import/pairs.jsonl):
   {"id", "image", "questions": [[q, ...], ...], "score": [s, ...]}, each candidate being all human
   turns of an instruction. Answers: LLaVA records whose gpt turns may hold a list of candidate
   answers with a parallel "score" list.
-- `labelstudio`: a Label Studio JSON export, one task per group:
-  {"id", "data": {"group", "image", "kind", "prompt", "candidates": [str, ...]},
-   "annotations": [{"result": [...]}]}. A result is a `rating` (value.rating, 1..rating_max) or a
-  `number` (value.number, same scale) with to_name "candidate_<k>", or a `ranker` whose
-  value.ranker maps a name to the candidate ids best first (several buckets: tiers, best first).
-  Score = (rating - 1) / (rating_max - 1); a rank's score spreads evenly over [0, 1]; several
-  annotations of a task are averaged per candidate.
+- `labelstudio`: a Label Studio JSON export as Label Studio writes it, of the tasks that
+  `annotation-tasks` writes (or of the older own variant with data.group / data.candidates);
+  align2llava/steps/annotations/labelstudio.py documents what is read. Several annotators of a
+  task are averaged per candidate (mean); their agreement is Krippendorff's alpha (interval) over
+  the candidates rated by two or more (`agreement_alpha`). With `tasks` (the tasks file), every
+  exported task must match one of its tasks.
 - `table`: CSV or JSONL rows {group, image, kind, candidate, score, prompt}; one row per candidate.
 
 Every two candidates of one group whose scores differ make exactly one pair (chosen = higher
@@ -34,12 +33,13 @@ from pydantic import Field
 from align2llava.config import Section
 from align2llava.data.rejects import Rejects
 from align2llava.errors import DataError
+from align2llava.steps.annotations.agreement import krippendorff_alpha_interval
+from align2llava.steps.annotations.labelstudio import ExportStats, read_labelstudio, read_tasks_file
 from align2llava.steps.annotations.readers import (
     KINDS,
     TIE_EPS,
     Group,
     read_answer_file,
-    read_labelstudio,
     read_question_file,
     read_table,
 )
@@ -59,6 +59,9 @@ class AnnotateImportParams(Section):
     questions: str | None = None
     answers: str | None = None
     input: str | None = None
+    # labelstudio: the tasks file the export came from (annotation-tasks writes it); every
+    # exported task must be one of its tasks. null: not checked.
+    tasks: str | None = None
     # Label Studio rating scale: 1..rating_max maps to [0, 1].
     rating_max: int = Field(5, ge=2)
     # Fraction of images (with all their pairs) held out for validation.
@@ -76,6 +79,7 @@ class ImportResult:
     ties: dict[str, int]
     rejects: list[Rejects] = field(default_factory=list)
     totals: dict[str, int] = field(default_factory=dict)
+    export: ExportStats | None = None
 
     def metrics(self) -> dict[str, Any]:
         m: dict[str, Any] = {}
@@ -91,7 +95,29 @@ class ImportResult:
         m["input_rows"] = sum(self.totals.values())
         m["images_val"] = len({p["image"] for p in self.pairs if p["split"] == "val"})
         m["images_train"] = len({p["image"] for p in self.pairs if p["split"] == "train"})
+        if self.export is not None:
+            m.update(self.export.metrics())
+            m.update(agreement(self.groups))
         return m
+
+
+def agreement(groups: Iterable[Group]) -> dict[str, Any]:
+    """Krippendorff's alpha (interval) over candidates with two or more ratings, all and per kind.
+
+    A unit is one candidate of one group; its values are the annotators' scores. None when no
+    candidate was rated twice (one annotator per task) or all ratings are equal.
+    """
+    units: dict[str, list[list[float]]] = {k: [] for k in KINDS}
+    for g in groups:
+        if len(g.ratings) >= 2:
+            units[g.kind] += [[r[k] for r in g.ratings] for k in range(len(g.candidates))]
+    out: dict[str, Any] = {"agreement_units": sum(len(u) for u in units.values())}
+    alpha = krippendorff_alpha_interval(units["question"] + units["answer"])
+    out["agreement_alpha"] = None if alpha is None else round(alpha, 4)
+    for kind in KINDS:
+        a = krippendorff_alpha_interval(units[kind])
+        out[f"agreement_alpha_{kind}"] = None if a is None else round(a, 4)
+    return out
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -141,6 +167,7 @@ def import_annotations(
     questions: str | Path | None = None,
     answers: str | Path | None = None,
     input: str | Path | None = None,
+    tasks: str | Path | None = None,
     out_dir: str | Path,
     image_root: str | Path | None = None,
     rating_max: int = 5,
@@ -156,6 +183,7 @@ def import_annotations(
     groups: list[Group] = []
     all_rejects: list[Rejects] = []
     totals: dict[str, int] = {}
+    export: ExportStats | None = None
 
     def run(reader: Any, path: str | Path | None, what: str, *extra: Any) -> None:
         if path is None:
@@ -175,7 +203,12 @@ def import_annotations(
     elif fmt == "labelstudio":
         if input is None:
             raise DataError("format labelstudio needs an input file")
-        run(read_labelstudio, input, "task", rating_max)
+        export = ExportStats()
+        ref = read_tasks_file(tasks) if tasks is not None else None
+        run(read_labelstudio, input, "task", rating_max, ref, export)
+        log.info("%s: %d annotations (%d cancelled) by %d annotators; %d tasks not annotated, %d skipped",
+                 input, export.annotations, export.cancelled, len(export.annotators), export.unannotated,
+                 export.skipped)
     elif fmt == "table":
         if input is None:
             raise DataError("format table needs an input file")
@@ -202,7 +235,7 @@ def import_annotations(
         for p in pairs:
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
     tmp.replace(out_dir / "pairs.jsonl")
-    return ImportResult(pairs, groups, ties, all_rejects, totals)
+    return ImportResult(pairs, groups, ties, all_rejects, totals, export)
 
 
 # ----------------------------------------------------------------------------- reading pairs
@@ -235,6 +268,7 @@ def read_pairs(path: str | Path) -> list[dict[str, Any]]:
 
 __all__ = [
     "AnnotateImportParams",
+    "agreement",
     "Group",
     "ImportResult",
     "import_annotations",

@@ -1,4 +1,5 @@
-"""Readers for annotation files: the paper's released format, Label Studio, tables.
+"""Readers for annotation files: the paper's released format and tables (Label Studio exports:
+labelstudio.py).
 """
 
 from __future__ import annotations
@@ -6,7 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ class Group:
     prompt: str
     candidates: list[str]
     scores: list[float]
+    # Label Studio: each completed annotation's scores, one per candidate (scores = their mean).
+    ratings: list[list[float]] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -183,126 +186,6 @@ def _answer_groups(rec: Any, image_root: str | Path | None) -> list[Group]:
             out.append(Group(f"{rid}#{k // 2}", image, "answer", question, cands, vals))
         else:
             _text(value, f"turn {k + 1} 'value'")
-    return out
-
-
-def read_labelstudio(
-    path: str | Path,
-    rejects: Rejects,
-    image_root: str | Path | None = None,
-    rating_max: int = 5,
-) -> tuple[list[Group], int]:
-    """A Label Studio export (see the module docstring) -> one group per task."""
-    path = Path(path)
-    data = _list_of(path)
-    groups: list[Group] = []
-    seen: dict[str, int] = {}
-    for i, task in enumerate(data):
-        try:
-            g = _labelstudio_group(task, image_root, rating_max)
-            if g.group in seen:
-                raise DataError(f"duplicate group '{g.group}' (first at task {seen[g.group]})")
-        except DataError as exc:
-            rejects.add(i, _rid(task), str(exc), task)
-            continue
-        seen[g.group] = i
-        groups.append(g)
-    return groups, len(data)
-
-
-def _labelstudio_group(task: Any, image_root: str | Path | None, rating_max: int) -> Group:
-    if not isinstance(task, dict) or not isinstance(task.get("data"), dict):
-        raise DataError("expected a task object with a 'data' object")
-    d = task["data"]
-    group = d.get("group")
-    if group is None or group == "" or isinstance(group, (bool, list, dict)):
-        raise DataError("data.group is missing")
-    kind = d.get("kind")
-    if kind not in KINDS:
-        raise DataError(f"data.kind must be 'question' or 'answer', got {_short(kind)}")
-    image = _image(d.get("image"), image_root)
-    cands_raw = d.get("candidates")
-    if not isinstance(cands_raw, list) or not cands_raw:
-        raise DataError("data.candidates must be a non-empty list")
-    if kind == "question":
-        cands = [_question_set(c, f"candidate {k}") for k, c in enumerate(cands_raw)]
-        prompt = ""
-    else:
-        cands = [_text(c, f"candidate {k}") for k, c in enumerate(cands_raw)]
-        prompt = _text(d.get("prompt"), "data.prompt")
-    anns = task.get("annotations")
-    if not isinstance(anns, list):
-        raise DataError("'annotations' must be a list")
-    sums = [0.0] * len(cands)
-    counts = [0] * len(cands)
-    for a, ann in enumerate(anns):
-        if not isinstance(ann, dict):
-            raise DataError(f"annotation {a} is not an object")
-        if ann.get("was_cancelled"):
-            continue
-        result = ann.get("result")
-        if not isinstance(result, list):
-            raise DataError(f"annotation {a}: 'result' must be a list")
-        for k, s in _annotation_scores(result, len(cands), rating_max, a).items():
-            sums[k] += s
-            counts[k] += 1
-    missing = [k for k, c in enumerate(counts) if c == 0]
-    if missing:
-        raise DataError(f"candidate_{missing[0]} has no rating in any annotation")
-    scores = [s / c for s, c in zip(sums, counts)]
-    return Group(str(group), image, kind, prompt, cands, scores)
-
-
-def _candidate_index(name: Any, n: int, where: str) -> int:
-    if isinstance(name, str) and name.startswith("candidate_") and name[10:].isdigit():
-        k = int(name[10:])
-        if k < n:
-            return k
-    raise DataError(f"{where}: '{name}' is not one of candidate_0..candidate_{n - 1}")
-
-
-def _annotation_scores(result: list[Any], n: int, rating_max: int, a: int) -> dict[int, float]:
-    """Scores in [0, 1] by candidate index from one annotation's results."""
-    out: dict[int, float] = {}
-    for r, item in enumerate(result):
-        where = f"annotation {a} result {r}"
-        if not isinstance(item, dict) or not isinstance(item.get("value"), dict):
-            raise DataError(f"{where}: expected an object with a 'value' object")
-        kind, value = item.get("type"), item["value"]
-        if kind in ("rating", "number"):
-            k = _candidate_index(item.get("to_name"), n, where)
-            raw = value.get(kind)
-            if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw):
-                raise DataError(f"{where}: {kind} {raw!r} is not a number")
-            if not 1 <= raw <= rating_max:
-                raise DataError(f"{where}: {kind} {raw!r} is outside 1..{rating_max}")
-            out[k] = (float(raw) - 1.0) / (rating_max - 1)
-        elif kind == "ranker":
-            out.update(_ranker_scores(value.get("ranker"), n, where))
-        else:
-            continue  # other controls (comments, choices) carry no score
-    return out
-
-
-def _ranker_scores(ranker: Any, n: int, where: str) -> dict[int, float]:
-    """One ordered list (best first) or several buckets (tiers, best first) -> scores."""
-    if isinstance(ranker, list):
-        tiers = [[c] for c in ranker]
-    elif isinstance(ranker, dict):
-        lists = [v for key, v in ranker.items() if key != "_"]
-        if not lists or not all(isinstance(v, list) for v in lists):
-            raise DataError(f"{where}: ranker value must map names to lists of candidate ids")
-        tiers = [[c] for c in lists[0]] if len(lists) == 1 else [list(v) for v in lists]
-    else:
-        raise DataError(f"{where}: ranker value must be a list or an object")
-    tiers = [t for t in tiers if t]
-    out: dict[int, float] = {}
-    for t, tier in enumerate(tiers):
-        for name in tier:
-            k = _candidate_index(name, n, where)
-            if k in out:
-                raise DataError(f"{where}: candidate_{k} is ranked twice")
-            out[k] = 1.0 - t / (len(tiers) - 1) if len(tiers) > 1 else 1.0
     return out
 
 
