@@ -16,26 +16,27 @@ from pathlib import Path
 import click
 
 from align2llava.config import load_base, load_section
-from align2llava.ops.clikit import setup_logging, user_errors
+from align2llava.ops.clikit import CONTEXT, setup_logging, stage_options, user_errors
 from align2llava.ops.tracking import stage_run
 from align2llava.steps.annotations.candidates import make_annotation_tasks
 from align2llava.steps.annotations.tasks import AnnotationTasksParams
 
-log = logging.getLogger("annotation_tasks")
+log = logging.getLogger(__name__)
 OUT_DIR = Path("data/annotation_tasks")
 
 
-@click.command()
-@click.option("--params", "params_file", default="params.yaml", show_default=True, type=click.Path(path_type=Path), help="The params file.")
-@click.option("--out-dir", default=OUT_DIR, show_default=True, type=click.Path(path_type=Path), help="Where the tasks, the labeling config and the table go.")
-def main(params_file: Path, out_dir: Path) -> None:
+@click.command(context_settings=CONTEXT)
+@stage_options("annotation_tasks")
+@click.option("--out-dir", metavar="DIR", default=OUT_DIR, show_default=True, type=click.Path(path_type=Path), help="Where the tasks, the labeling config and the table go.")
+def main(params_file: Path, metrics_dir: Path, verbose: bool, out_dir: Path) -> None:
     """Write candidate questions and answers for a pool sample as Label Studio tasks."""
-    setup_logging()
+    setup_logging(verbose)
     with user_errors():
         base = load_base(params_file)
         p = load_section("annotation_tasks", AnnotationTasksParams, params_file)
         model = p.model or base.base_model
-        with stage_run("annotation_tasks", {"base": base.model_dump(), "annotation_tasks": p.model_dump()}) as run:
+        with stage_run("annotation_tasks", {"base": base.model_dump(), "annotation_tasks": p.model_dump()},
+                       metrics_dir=metrics_dir) as run:
             m = make_annotation_tasks(p, pool=base.pool, image_root=base.image_root, model=model,
                                       out_dir=out_dir, seed=base.seed)
             run.log_metrics(m)

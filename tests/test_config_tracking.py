@@ -81,6 +81,7 @@ def _sections() -> dict[str, type[Section]]:
     from align2llava.demo.synthesis.params import SynthesizeParams
     from align2llava.report.report import ReportParams
     from align2llava.steps.annotations.importer import AnnotateImportParams
+    from align2llava.steps.annotations.tasks import AnnotationTasksParams
     from align2llava.steps.evaluation.evaluation import EvaluateParams
     from align2llava.steps.finetune.train import FinetuneParams
     from align2llava.steps.restyle.restyle import RestyleParams
@@ -92,7 +93,7 @@ def _sections() -> dict[str, type[Section]]:
             "annotate_import": AnnotateImportParams, "train_reward": TrainRewardParams,
             "score": ScoreParams, "select": SelectParams, "restyle": RestyleParams,
             "finetune": FinetuneParams, "evaluate": EvaluateParams, "diagnose": DiagnoseParams,
-            "report": ReportParams}
+            "report": ReportParams, "annotation_tasks": AnnotationTasksParams}
 
 
 def test_every_params_section_has_a_class():
@@ -109,7 +110,7 @@ def test_every_params_section_has_a_class():
 # "needs an input file". Other repo paths (base.pool, score.question_model, evaluate.vqa_file,
 # ...) are defaults: leaving them out points at the same layout the stages' --out-dir defaults
 # write.
-DEMO_INPUT_FILES = {"annotate_import": {"questions", "answers", "input"}}
+DEMO_INPUT_FILES = {"annotate_import": {"questions", "answers", "input", "tasks"}}
 
 
 @pytest.mark.parametrize("name", sorted(_sections()))

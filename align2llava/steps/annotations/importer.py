@@ -55,7 +55,7 @@ class AnnotateImportParams(Section):
     # align2llava: `questions` + `answers` files (null: none of that kind); labelstudio / table:
     # the `input` file. No default file: params.yaml names the demo's, and a key left out must
     # not read the demo's annotations into a user's pairs.
-    format: Literal["align2llava", "labelstudio", "table"] = "align2llava"
+    format: Literal["align2llava", "labelstudio", "table"] = "labelstudio"
     questions: str | None = None
     answers: str | None = None
     input: str | None = None

@@ -69,22 +69,22 @@ class AnnotationTasksParams(Section):
     model: str | None = None
     # Pool records to sample, spread over task types in proportion to their size (largest
     # remainder), seeded by base.seed. More than the pool holds: all of it.
-    records: int = Field(300, ge=1)
+    records: int = Field(3, ge=1)  # your pool: hundreds
     # Extra candidates per group; candidate 0, the original, comes on top.
-    question_candidates: int = Field(3, ge=1)
-    answer_candidates: int = Field(3, ge=1)
+    question_candidates: int = Field(1, ge=1)  # your pool: 3
+    answer_candidates: int = Field(1, ge=1)  # your pool: 3
     # Sampling (temperature 0 would write the same candidate every time).
     temperature: float = Field(0.8, gt=0.0)
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(128, ge=1)  # per answer
-    question_max_new_tokens: int = Field(48, ge=1)  # per question
+    max_new_tokens: int = Field(32, ge=1)  # per answer (7B on a GPU: 256)
+    question_max_new_tokens: int = Field(24, ge=1)  # per question (7B: 48)
     # Prompts. A question set is rewritten turn by turn ({question}: the original turn); an
     # answer is written for {question} after the conversation's earlier original turns.
     question_prompt: str = DEFAULT_QUESTION_PROMPT
     answer_prompt: str = DEFAULT_ANSWER_PROMPT
     # An empty generation is sampled again, at most this many times in all.
     max_tries: int = Field(3, ge=1)
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(32, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # Label Studio: ratings 1..rating_max (mapped to [0, 1] on import) and the URL of each
     # image: {path} is base.image_root/<image>, {image} the path under the image root. The
