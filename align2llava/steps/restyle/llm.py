@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from align2llava.errors import DataError
+from align2llava.models.chat import render, reply_lead, text_ids
 from align2llava.models.precision import resolve_restyle_dtype
 
 CACHE_VERSION = 2  # bump when model-call code changes what a key returns
@@ -107,6 +108,7 @@ class ResponseCache:
 # ------------------------------------------------------------------------------- inner LLM
 class LLM(Protocol):
     fingerprint: str
+    reply_lead: str
 
     def chat(self, messages: list[dict[str, str]]) -> str: ...
     def n_tokens(self, text: str) -> int: ...
@@ -149,6 +151,8 @@ class InnerLLM:
         self.template = self.tok.chat_template or getattr(processor, "chat_template", None)
         if not self.template:
             raise DataError(f"{path}: the tokenizer has no chat template")
+        # what the template puts between its generation prompt and a reply (" " for llava-hf)
+        self.reply_lead = reply_lead(self.tok, self.template)
         self.batch_size, self.temperature, self.seed = batch_size, temperature, seed
         self.no_repeat_ngram = no_repeat_ngram
         # outputs differ by dtype, so it is part of the cache key
@@ -166,15 +170,19 @@ class InnerLLM:
         self.stop_ids = {self.tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
 
     def chat(self, messages: list[dict[str, str]]) -> str:
-        return self.tok.apply_chat_template(
-            messages, chat_template=self.template, tokenize=False, add_generation_prompt=True
-        )
+        """The prompt for `messages` through the checkpoint's own template (plain-string or
+        structured content, models.chat), ending with its generation prompt."""
+        return render(self.tok, messages, generation_prompt=True, template=self.template)
 
     def n_tokens(self, text: str) -> int:
         return len(self.tok(text, add_special_tokens=False).input_ids)
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """A rendered prompt's ids: no special tokens added but a BOS the template leaves out."""
+        return text_ids(self.tok, prompt)
+
     def _batch(self, texts: list[str], side: str) -> tuple[Any, Any]:
-        return self._batch_ids([self.tok(t, add_special_tokens=False).input_ids for t in texts], side)
+        return self._batch_ids([self.prompt_ids(t) for t in texts], side)
 
     def _batch_ids(self, ids: list[list[int]], side: str) -> tuple[Any, Any]:
         import torch
@@ -199,7 +207,7 @@ class InnerLLM:
         import torch
         from transformers import DynamicCache
 
-        ids = [self.tok(p, add_special_tokens=False).input_ids for p in prompts]
+        ids = [self.prompt_ids(p) for p in prompts]
         n_shared = 0
         while n_shared < min(len(x) for x in ids) - 1 and all(x[n_shared] == ids[0][n_shared] for x in ids):
             n_shared += 1
@@ -280,7 +288,7 @@ class InnerLLM:
         """(summed NLL, tokens) of each response given its prompt."""
         import torch
 
-        p_ids = [self.tok(p, add_special_tokens=False).input_ids for p in prompts]
+        p_ids = [self.prompt_ids(p) for p in prompts]
         r_ids = [self.tok(r, add_special_tokens=False).input_ids for r in responses]
         width = max(len(p) + len(r) for p, r in zip(p_ids, r_ids))
         input_ids = torch.full((len(p_ids), width), self.tok.pad_token_id, dtype=torch.long)
