@@ -182,6 +182,10 @@ def test_restyle_and_evaluate_prompt_through_the_checkpoint_template(llava15, ll
     assert llm.prompt_ids(prompt)[0] == llm.tok.bos_token_id and llm.reply_lead == " "
     review = llm.chat(review_messages("Q?", "A one.", "B two."))
     assert "USER: Question: Q?" in review and review.endswith("Reply with A or B. ASSISTANT:")
+    # a prefilled "Yes" and what follows keep their space (SentencePiece drops it decoding alone)
+    head = llm.tok("ASSISTANT: Yes", add_special_tokens=False).input_ids
+    full = llm.tok("ASSISTANT: Yes it is", add_special_tokens=False).input_ids
+    assert full[: len(head)] == head and llm.continuation(head[-1], full[len(head):]) == " it is"
     out = llm.generate([prompt, review], [3, 3])
     assert len(out) == 2 and all(o["tokens"] <= 3 for o in out)
     assert len(llm.choice_logits([review, prompt], ("A", "B"))) == 2

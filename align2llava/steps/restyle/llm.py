@@ -153,6 +153,8 @@ class InnerLLM:
             raise DataError(f"{path}: the tokenizer has no chat template")
         # what the template puts between its generation prompt and a reply (" " for llava-hf)
         self.reply_lead = reply_lead(self.tok, self.template)
+        pair = self.tok("x y", add_special_tokens=False).input_ids
+        self._drops_lead = len(pair) > 1 and self.tok.decode(pair[1:]) != " y"
         self.batch_size, self.temperature, self.seed = batch_size, temperature, seed
         self.no_repeat_ngram = no_repeat_ngram
         # outputs differ by dtype, so it is part of the cache key
@@ -257,9 +259,20 @@ class InnerLLM:
                                    position_ids=next_pos[:, None], **kw).last_hidden_state[:, -1]
                 next_pos = next_pos + 1
         return [
-            {"text": self.tok.decode(toks, skip_special_tokens=True), "finished": done, "tokens": len(toks)}
-            for toks, done in zip(out_tokens, finished)
+            {"text": self.continuation(row[-1], toks), "finished": done, "tokens": len(toks)}
+            for row, toks, done in zip(ids, out_tokens, finished)
         ]
+
+    def continuation(self, last_prompt_id: int, toks: list[int]) -> str:
+        """The text of generated tokens as it continues the prompt. A SentencePiece tokenizer
+        (Llama's) drops a leading space when decoding tokens on their own ("▁it" -> "it"), which
+        would glue a prefilled "Yes" to the next word; such tokens are decoded after the
+        prompt's last token, and that token's text is taken off again."""
+        if not self._drops_lead:
+            return self.tok.decode(toks, skip_special_tokens=True)
+        head = self.tok.decode([last_prompt_id], skip_special_tokens=True)
+        both = self.tok.decode([last_prompt_id, *toks], skip_special_tokens=True)
+        return both[len(head):] if both.startswith(head) else self.tok.decode(toks, skip_special_tokens=True)
 
     def _ban_repeats(self, logits: Any, generated: list[list[int]]) -> None:
         """Forbid each row's tokens that would complete an n-gram it already generated."""
