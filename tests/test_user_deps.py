@@ -38,6 +38,7 @@ def _user_files(user: Path) -> dict[str, Path]:
 
 
 def test_editing_a_users_file_reruns_exactly_what_reads_it(tmp_path):
+    """Each user file is a dep of exactly the stages that read it, wherever it lives."""
     if DVC is None:
         pytest.skip("dvc not installed next to this python")
     repo, user = tmp_path / "repo", tmp_path / "user"
@@ -60,25 +61,30 @@ def test_editing_a_users_file_reruns_exactly_what_reads_it(tmp_path):
     _git(repo, "init", "-q")
     subprocess.run([str(DVC), "init", "-q"], cwd=repo, check=True, env=env)
 
-    def repro():
-        out = subprocess.run([str(DVC), "repro"], cwd=repo, env=env, capture_output=True, text=True)
+    def run(*args):
+        out = subprocess.run([str(DVC), *args], cwd=repo, env=env, capture_output=True, text=True)
         assert out.returncode == 0, out.stdout + out.stderr
-        return {line.split("'")[1] for line in out.stdout.splitlines() if line.startswith("Running stage")}
+        return out.stdout
 
-    assert repro() == set(spec["stages"])
-    assert repro() == set()
+    ran = {line.split("'")[1] for line in run("repro").splitlines() if line.startswith("Running stage")}
+    assert ran == set(spec["stages"])
 
-    def edit(key):
-        with open(files[key], "ab") as f:
-            f.write(b" ")
-        return repro()
+    def readers(key):
+        """The stages whose deps change when the user edits `key`'s file (then put back)."""
+        before = files[key].read_bytes()
+        files[key].write_bytes(before + b" ")
+        try:
+            return set(json.loads(run("status", "--json")))
+        finally:
+            files[key].write_bytes(before)
 
-    # the pool is read by score and select only: no reward model is retrained
-    assert edit("pool") == DOWNSTREAM_OF_SCORE
-    # annotations: imported again, both reward models retrained, everything after rerun
-    assert edit("questions") == {"annotate-import", "train-reward"} | DOWNSTREAM_OF_SCORE
-    assert edit("input") == {"annotate-import", "train-reward"} | DOWNSTREAM_OF_SCORE
-    # the base model: every stage that loads it (not annotate-import, not the demo's stages)
-    assert edit("model") == {"train-reward"} | DOWNSTREAM_OF_SCORE
-    # an image: every stage that reads images under base.image_root
-    assert edit("image") == {"annotate-import", "train-reward"} | DOWNSTREAM_OF_SCORE
+    assert readers("pool") == {"score", "select"}  # no reward model is retrained
+    assert readers("questions") == {"annotate-import"}
+    assert readers("input") == {"annotate-import"}
+    assert readers("model") == {"train-reward", "score", "restyle", "finetune"}
+    assert readers("image") == {"annotate-import", "train-reward", "score", "finetune", "evaluate"}
+    assert json.loads(run("status", "--json")) == {}
+    # and an edit reruns its readers and what follows them
+    files["pool"].write_bytes(files["pool"].read_bytes() + b" ")
+    ran = {line.split("'")[1] for line in run("repro").splitlines() if line.startswith("Running stage")}
+    assert ran == DOWNSTREAM_OF_SCORE
