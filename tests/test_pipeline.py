@@ -160,24 +160,37 @@ def _git(cwd, *args):
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
 
+# Derives a stage's outputs from its declared deps (${section.key} resolved from params.yaml,
+# as DVC does) and params.
 STUB = """
-import hashlib, json, pathlib, sys, yaml
+import hashlib, json, pathlib, re, sys, yaml
 name = sys.argv[1]
 stage = yaml.safe_load(open("dvc.yaml"))["stages"][name]
 params = yaml.safe_load(open("params.yaml"))
+def resolve(text):
+    def get(m):
+        value = params
+        for key in m.group(1).split("."):
+            value = value[key]
+        return str(value)
+    return re.sub(r"\\$\\{([^}]+)\\}", get, text)
 h = hashlib.sha1(json.dumps([params.get(s) for s in stage.get("params", [])], sort_keys=True).encode())
 for dep in stage.get("deps", []):
-    p = pathlib.Path(dep)
+    p = pathlib.Path(resolve(dep))
     for f in sorted([p] if p.is_file() else p.rglob("*")):
         if f.is_file():
             h.update(f.read_bytes())
+# every dep of any stage inside a folder output is made too (models/train_reward/question)
+inner = [resolve(d) for s in yaml.safe_load(open("dvc.yaml"))["stages"].values() for d in s.get("deps", [])]
 for entry in stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []):
     p = pathlib.Path(entry if isinstance(entry, str) else next(iter(entry)))
-    if "." not in p.name:
-        p.mkdir(parents=True, exist_ok=True)
-        p = p / "out"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps({"h": h.hexdigest()}))
+    if "." in p.name:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps({"h": h.hexdigest()}))
+        continue
+    for d in [p] + [pathlib.Path(d) for d in inner if pathlib.Path(d).parent == p]:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "out").write_text(json.dumps({"h": h.hexdigest()}))
 """
 
 

@@ -1,4 +1,12 @@
 """Chat templates: rendering conversations and finding the assistant's spans.
+
+Messages are built here as {"role", "content": str}, `<image>` in the text where the image goes.
+Two kinds of checkpoint template render them:
+- plain-string content (ChatML: the demo's SmolLM2 and the tiny test models): passed as they are;
+- structured content, a list of {"type": "image"} / {"type": "text", "text": ...} parts
+  (llava-hf/llava-1.5-7b-hf's "USER: <image>\\n... ASSISTANT: ..."), which renders nothing for a
+  plain string: each message is converted to parts first (`template_messages`).
+Which kind a template is, is asked of the template itself once (`takes_structured_content`).
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+_PROBE = "zqxj probe 7"
+_STRUCTURED: dict[str, bool] = {}
 
 
 # ---------------------------------------------------------------------------- data
@@ -41,10 +51,83 @@ def prompt_messages(question: str, instruction: str = "", image: bool = True) ->
     return [{"role": "user", "content": f"{IMAGE_TOKEN}\n{text}" if image else text}]
 
 
-def render(processor: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> str:
+# ---------------------------------------------------------------------------- templates
+
+
+def tokenizer_of(processor: Any) -> Any:
+    return getattr(processor, "tokenizer", None) or processor
+
+
+def template_of(processor: Any) -> str | None:
+    """The chat template a processor (or tokenizer) renders with."""
+    return getattr(processor, "chat_template", None) or getattr(tokenizer_of(processor), "chat_template", None)
+
+
+def _try_render(tokenizer: Any, template: str, messages: list[dict[str, Any]]) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
+    except Exception:  # a template written for the other content kind may raise (str + list)
+        return ""
+
+
+def takes_structured_content(tokenizer: Any, template: str) -> bool:
+    """True when `template` renders a message's text only from structured parts (llava-hf's),
+    False when it renders plain-string content (ChatML). Asked once per template."""
+    if template not in _STRUCTURED:
+        plain = _try_render(tokenizer, template, [{"role": "user", "content": _PROBE}])
+        if _PROBE in plain:
+            _STRUCTURED[template] = False
+        elif _PROBE in _try_render(tokenizer, template, [{"role": "user", "content": _parts(_PROBE)}]):
+            _STRUCTURED[template] = True
+        else:
+            raise Align2LlavaError(
+                "the chat template renders a user message's text neither from a plain string nor from "
+                "[{'type': 'text', 'text': ...}] parts; cannot prompt through it"
+            )
+    return _STRUCTURED[template]
+
+
+def _parts(content: str) -> list[dict[str, str]]:
+    n = content.count(IMAGE_TOKEN)
+    text = content.replace(IMAGE_TOKEN, "").strip() if n else content
+    return [{"type": "image"}] * n + [{"type": "text", "text": text}]
+
+
+def template_messages(tokenizer: Any, template: str, messages: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """`messages` in the form `template` takes: as they are, or each content as parts (images first)."""
+    if not takes_structured_content(tokenizer, template):
+        return messages
+    return [{"role": m["role"], "content": _parts(m["content"])} for m in messages]
+
+
+def render(processor: Any, messages: list[dict[str, str]], generation_prompt: bool = False,
+           template: str | None = None) -> str:
+    """`messages` rendered by `template` (default: the processor's own chat template)."""
+    tok = tokenizer_of(processor)
+    own = template or template_of(processor)
+    if own and takes_structured_content(tok, own):
+        return tok.apply_chat_template(
+            template_messages(tok, own, messages), chat_template=own, tokenize=False,
+            add_generation_prompt=generation_prompt,
+        )
+    if template is not None:
+        return tok.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        )
     return processor.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=generation_prompt
     )
+
+
+def reply_lead(processor: Any, template: str | None = None) -> str:
+    """What the template writes between the generation prompt and a reply's text (" " after
+    llava-hf's "ASSISTANT:", "" after ChatML's "<|im_start|>assistant\n"): text that continues
+    a prompt with a given start of the reply must begin with it."""
+    user = [{"role": "user", "content": "Q"}]
+    before = render(processor, user, generation_prompt=True, template=template)
+    upto = render(processor, [*user, {"role": "assistant", "content": _PROBE}], template=template)
+    at = upto.find(_PROBE)
+    return upto[len(before):at] if upto.startswith(before) and at >= len(before) else ""
 
 
 def assistant_spans(processor: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
@@ -68,6 +151,31 @@ def assistant_spans(processor: Any, messages: list[dict[str, str]]) -> tuple[str
             )
         spans.append((len(before), len(upto.rstrip())))
     return full, spans
+
+
+# ---------------------------------------------------------------------------- tokens
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer's special tokens are exactly a BOS put first (Llama's are;
+    ChatML/GPT-2 style tokenizers add none)."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return tokenizer("a", add_special_tokens=True)["input_ids"] == [bos, *plain]
+
+
+def needs_bos(tokenizer: Any, text: str) -> bool:
+    """True when `text` (a rendered template, tokenized without special tokens) must get the
+    tokenizer's BOS in front: the tokenizer adds one by default and the template did not."""
+    return adds_bos(tokenizer) and not text.startswith(tokenizer.bos_token)
+
+
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a rendered prompt: no special tokens added, except a BOS the template left out."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [tokenizer.bos_token_id, *ids] if needs_bos(tokenizer, text) else ids
 
 
 def image_token_count(processor: Any) -> int:

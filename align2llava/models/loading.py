@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -43,6 +44,35 @@ def image_size(processor: Any) -> int:
         return int(crop["height"])
     size = getattr(ip, "size", None) or {}
     return int(size.get("shortest_edge") or size.get("height"))
+
+
+_BLOCK = 1 << 20
+_SAMPLES = 16
+
+
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """A content fingerprint of a model folder, cheap enough to check at every load.
+
+    sha256 over every top-level file's name and size, and its bytes: all of them for files up
+    to 16 MiB (configs, tokenizer, chat template, small weights), else the first MiB (the
+    safetensors header) and 16 one-MiB blocks spread evenly through the file. A retrained or
+    re-tuned checkpoint changes nearly every weight, so the sampled blocks change with it;
+    a copy, hard link, `dvc pull` or move keeps it.
+    """
+    root = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")):
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= _SAMPLES * _BLOCK:
+                h.update(fh.read())
+                continue
+            h.update(fh.read(_BLOCK))
+            for k in range(_SAMPLES):
+                fh.seek((size - _BLOCK) * (k + 1) // _SAMPLES)
+                h.update(fh.read(_BLOCK))
+    return h.hexdigest()
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -13,13 +13,17 @@
   frozen) the hidden states entering the first adapted layer never change, so they are computed
   once and each step runs only the adapted layers: same result, several times faster.
 - Saved layout (`save_reward_model`, `load_reward_model`): DIR/reward_config.json (kind, backbone
-  path, input format, max length), DIR/reward_head.safetensors (head and, if trained, projector
-  weights) and, for LoRA, the peft adapter (adapter_config.json, adapter_model.safetensors).
+  reference and fingerprint, input format, max length), DIR/reward_head.safetensors (head and,
+  if trained, projector weights) and, for LoRA, the peft adapter (adapter_config.json,
+  adapter_model.safetensors). The backbone is named relative to DIR when it lies inside the
+  working directory (the project), so the folders survive a move, a clone and `dvc pull`
+  together with it; else by its absolute path. Its content fingerprint is checked at load.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import OrderedDict
 from contextlib import nullcontext
 from pathlib import Path
@@ -32,6 +36,7 @@ from align2llava.models.precision import _is_cpu, cast_backbone, precision
 KINDS = ("question", "answer")
 CONFIG_FILE = "reward_config.json"
 HEAD_FILE = "reward_head.safetensors"
+FORMAT = "align2llava-reward-model/2"
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -236,17 +241,24 @@ def score_items(
     batch_size: int = 32,
     device: Any = "cpu",
     progress: str | None = None,
+    meter: Any = None,
 ) -> list[float]:
-    """Rewards of (text, image) items, batched by length (longest first), in input order."""
+    """Rewards of (text, image) items, batched by length (longest first), in input order.
+
+    `progress` names a bar of its own; `meter` (an align2llava.progress.Progress) is advanced
+    by the items and tokens of every batch instead."""
     import torch
-    from tqdm import tqdm
+
+    from align2llava.progress import Progress
 
     encoded = [(encoder.ids(t, im is not None), im) for t, im in items]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
     out = [0.0] * len(items)
     dtype = next(p.dtype for p in rm.llava().parameters())
     rm.eval()
-    bar = tqdm(total=len(items), desc=progress, unit="rec", disable=None if progress else True)
+    own = meter is None and progress is not None
+    if own:
+        meter = Progress(len(items), progress, "items")
     with torch.inference_mode():
         for s in range(0, len(order), batch_size):
             chunk = order[s : s + batch_size]
@@ -255,18 +267,32 @@ def score_items(
             r = rm(**batch).float().cpu().tolist()
             for i, v in zip(chunk, r):
                 out[i] = v
-            bar.update(len(chunk))
-    bar.close()
+            if meter is not None:
+                meter.update(len(chunk), tok=sum(len(encoded[i][0]) for i in chunk))
+    if own:
+        meter.close()
     return out
 
 
 # ----------------------------------------------------------------------------- save / load
 
 
+def backbone_reference(backbone: str | Path, out_dir: str | Path) -> str:
+    """How reward_config.json names the backbone: relative to the reward-model folder when the
+    backbone lies inside the working directory (the project root for DVC stages), else its
+    absolute path (a checkpoint elsewhere on the machine)."""
+    b, cwd = Path(backbone).resolve(), Path.cwd().resolve()
+    if b == cwd or cwd in b.parents:
+        return Path(os.path.relpath(b, Path(out_dir).resolve())).as_posix()
+    return b.as_posix()
+
+
 def save_reward_model(rm: RewardModel, out_dir: str | Path, *, kind: str, backbone: str,
                       max_length: int) -> Path:
     """DIR/reward_config.json + DIR/reward_head.safetensors (+ the peft adapter)."""
     from safetensors.torch import save_file
+
+    from align2llava.models.loading import checkpoint_fingerprint
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,9 +307,11 @@ def save_reward_model(rm: RewardModel, out_dir: str | Path, *, kind: str, backbo
     if lora:
         rm.backbone.save_pretrained(str(out))
     meta = {
-        "format": "align2llava-reward-model/1",
+        "format": FORMAT,
         "kind": kind,
-        "backbone": backbone,
+        # relative to this folder (or absolute, see backbone_reference)
+        "backbone": backbone_reference(backbone, out),
+        "backbone_fingerprint": checkpoint_fingerprint(backbone),
         "adapter": "lora" if lora else None,
         "projector_in_head_file": trained_projector,
         "hidden_size": int(rm.head.weight.shape[1]),
@@ -309,12 +337,40 @@ def read_reward_config(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def resolve_backbone(path: Path, meta: dict[str, Any], backbone: str | Path | None = None) -> Path:
+    """The backbone folder of the reward model at `path`, its fingerprint checked.
+
+    `backbone` (given) wins; else reward_config.json's reference, relative to `path` (format 2)
+    or, in folders written before it (format 1), to the working directory.
+    """
+    from align2llava.models.loading import checkpoint_fingerprint
+
+    named = meta["backbone"]
+    if backbone is not None:
+        base, how = Path(backbone), "given"
+    elif meta.get("format") == "align2llava-reward-model/1":
+        base, how = Path(named), "reward_config.json, relative to the working directory"
+    else:
+        base, how = path / named, "reward_config.json, relative to the reward-model folder"
+    if not (base / "config.json").is_file():
+        raise DataError(f"{path}: its backbone {base} ({how}: {named if backbone is None else backbone}) is not a "
+                        "model folder; point score.backbone (or backbone=) at the checkpoint it was trained on")
+    want = meta.get("backbone_fingerprint")
+    if want is not None:
+        got = checkpoint_fingerprint(base)
+        if got != want:
+            raise DataError(f"{path}: backbone {base} is not the checkpoint this reward model was trained on "
+                            f"(content fingerprint {got[:12]}, reward_config.json has {want[:12]}); point "
+                            "score.backbone (or backbone=) at that checkpoint, or retrain the reward models")
+    return base
+
+
 def load_reward_model(path: str | Path, *, backbone: str | Path | None = None, dtype: str = "auto",
                       device: str = "cpu", merge: bool = True) -> tuple[RewardModel, Any, dict[str, Any]]:
     """(reward model, processor, config) from a folder written by save_reward_model.
 
-    `backbone` overrides the base checkpoint path recorded in reward_config.json (a relative
-    path there is relative to the working directory, the repo root for DVC stages). `merge`
+    The backbone is the one reward_config.json names (`resolve_backbone`); `backbone` points at
+    it elsewhere (its fingerprint must still match). `merge`
     folds the LoRA adapter into float32 weights for faster inference (never into bf16 ones:
     rounding would wipe out the small LoRA deltas).
     """
@@ -325,10 +381,7 @@ def load_reward_model(path: str | Path, *, backbone: str | Path | None = None, d
 
     path = Path(path)
     meta = read_reward_config(path)
-    base = Path(backbone or meta["backbone"])
-    if not (base / "config.json").exists():
-        raise DataError(f"{path}: its backbone {base} is not a model folder (pass backbone= to "
-                        "point at the base checkpoint it was trained on)")
+    base = resolve_backbone(path, meta, backbone)
     model, processor = load_mllm(base, dtype="float32")
     llava = model.model
     del model

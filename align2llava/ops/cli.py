@@ -215,6 +215,26 @@ def compression(ratios: str, seeds: str, methods: str, jobs: int, out_csv: Path,
 
 
 @main.command()
+@click.argument("preset", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option("--params", "params_file", type=click.Path(path_type=Path), default="params.yaml", show_default=True, help="The params file to edit.")
+@click.option("--dry-run", is_flag=True, help="Print what would change; write nothing.")
+def preset(preset: Path, params_file: Path, dry_run: bool) -> None:
+    """Apply a params preset (e.g. configs/params/llava-1.5-7b.yaml) to params.yaml.
+
+    Each key of PRESET replaces that key of params.yaml (comments kept); every section is then
+    checked as the stages load it, before anything is written.
+    """
+    from align2llava.ops.preset import apply_preset
+
+    with user_errors():
+        changes = apply_preset(preset, params_file, write=not dry_run)
+    for key, old, new in changes:
+        click.echo(f"{key}: {old!r} -> {new!r}")
+    verb = "would change" if dry_run else "changed"
+    click.echo(f"{params_file}: {verb} {len(changes)} keys from {preset}")
+
+
+@main.command()
 @click.option("--metrics-dir", type=click.Path(path_type=Path), default="metrics", show_default=True, help="Where the stages wrote their metrics.")
 def summary(metrics_dir: Path) -> None:
     """The headline figures of each stage that ran, one line per stage (from metrics/*.json)."""

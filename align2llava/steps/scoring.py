@@ -34,6 +34,7 @@ from align2llava.data.rejects import Rejects
 from align2llava.errors import DataError
 from align2llava.models.reward_model import answer_text, load_reward_model, question_text, score_items
 from align2llava.models.runtime import process_state
+from align2llava.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class ScoreParams(Section):
 
     question_model: str = "models/train_reward/question"
     answer_model: str = "models/train_reward/answer"
+    # The reward models' base checkpoint; null: the one their reward_config.json names (relative
+    # to their folder). Either way its content fingerprint must match the one recorded there.
+    backbone: str | None = None
     # Items per forward pass (per process).
     batch_size: int = Field(32, ge=1)
     # Records per resumable shard.
@@ -92,6 +96,11 @@ def load_pool(path: str | Path, image_root: str | Path | None, reject_budget: fl
     return good, rejects, total
 
 
+def record_size(rec: dict[str, Any]) -> int:
+    """Items a record is scored as: its question set, then every candidate answer of every turn."""
+    return 1 + sum(len(a) if isinstance(a, list) else 1 for _, a in qa_pairs(rec))
+
+
 def record_items(rec: dict[str, Any]) -> tuple[str, list[list[str]]]:
     """(f's text, per turn the list of g texts, one per candidate answer)."""
     q = question_text(human_turns(rec))
@@ -116,11 +125,11 @@ class RewardModels:
 
 
 def load_reward_models(question_dir: str | Path, answer_dir: str | Path, *, image_root: str | Path | None,
-                       dtype: str = "auto", device: Any = "cpu") -> RewardModels:
+                       dtype: str = "auto", device: Any = "cpu", backbone: str | Path | None = None) -> RewardModels:
     from align2llava.models.reward_model import Encoder
 
-    q, qproc, qmeta = load_reward_model(question_dir, dtype=dtype, device=str(device))
-    a, aproc, ameta = load_reward_model(answer_dir, dtype=dtype, device=str(device))
+    q, qproc, qmeta = load_reward_model(question_dir, backbone=backbone, dtype=dtype, device=str(device))
+    a, aproc, ameta = load_reward_model(answer_dir, backbone=backbone, dtype=dtype, device=str(device))
     for d, meta, kind in ((question_dir, qmeta, "question"), (answer_dir, ameta, "answer")):
         if meta["kind"] != kind:
             raise DataError(f"{d}: is a {meta['kind']} reward model, expected the {kind} one")
@@ -130,7 +139,7 @@ def load_reward_models(question_dir: str | Path, answer_dir: str | Path, *, imag
 
 
 def score_records(models: RewardModels, records: Sequence[dict[str, Any]], batch_size: int,
-                  progress: bool = False) -> list[dict[str, Any]]:
+                  progress: bool = False, meter: Any = None) -> list[dict[str, Any]]:
     """scores.jsonl rows for `records` (both models, each batched by length)."""
     q_items, a_items, layout = [], [], []
     for rec in records:
@@ -143,9 +152,9 @@ def score_records(models: RewardModels, records: Sequence[dict[str, Any]], batch
             a_items.extend((t, image) for t in cands)
         layout.append(spans)
     qs = score_items(models.question, models.q_encoder, q_items, batch_size=batch_size,
-                     device=models.device, progress="question RM" if progress else None)
+                     device=models.device, progress="question RM" if progress else None, meter=meter)
     ans = score_items(models.answer, models.a_encoder, a_items, batch_size=batch_size,
-                      device=models.device, progress="answer RM" if progress else None)
+                      device=models.device, progress="answer RM" if progress else None, meter=meter)
     rows = []
     for rec, qscore, spans in zip(records, qs, layout):
         turns = []
@@ -263,16 +272,22 @@ def score_pool(
     n_records = n_items = 0
     if todo:
         models = load_reward_models(params.question_model, params.answer_model, image_root=image_root,
-                                    dtype=params.dtype, device=state.device)
+                                    dtype=params.dtype, device=state.device, backbone=params.backbone)
         t1 = time.time()
+        total = sum(record_size(r) for k in todo for r in shards[k])
+        desc = "score" if world == 1 else f"score (process {rank})"
+        meter = Progress(total, desc, "items", log)  # items: one per record (question) + one per answer
         for done, k in enumerate(todo):
             if stop_after_shards is not None and done >= stop_after_shards:
+                meter.close()
                 return None
-            rows = score_records(models, shards[k], params.batch_size, progress=world == 1)
+            rows = score_records(models, shards[k], params.batch_size, meter=meter)
             n_records += len(rows)
             n_items += sum(1 + sum(len(t["scores"]) for t in r["turns"]) for r in rows)
             _write_shard(names[k], fp, shards[k], rows)
+            meter.update(0, rec=len(shards[k]))
             log.info("process %d: shard %d/%d done (%d records)", rank, k + 1, len(shards), len(shards[k]))
+        meter.close()
     mine_done = {"records": n_records, "items": n_items, "seconds": time.time() - t1 if todo else 0.0,
                  "resumed": resumed}
     state.wait_for_everyone()

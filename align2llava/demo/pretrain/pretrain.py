@@ -114,10 +114,9 @@ def read_captions(path: str | Path, image_root: str | Path, limit: int) -> list[
 def _write_curve(rows: list[dict[str, Any]], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        if rows:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["step", "loss"])
+        w.writeheader()
+        w.writerows(rows)
 
 
 def pretrain(p: PretrainParams, seed: int, captions: str | Path, image_root: str | Path, out_dir: str | Path,
@@ -132,7 +131,11 @@ def pretrain(p: PretrainParams, seed: int, captions: str | Path, image_root: str
     start = time.time()
     out = Path(out_dir)
     if p.checkpoint:
-        return {**pass_through(p.checkpoint, out), "seconds": round(time.time() - start, 2)}
+        m = pass_through(p.checkpoint, out)
+        if plots_dir is not None:  # dvc.yaml declares both curves; a pass-through trains nothing
+            for name in ("steps.csv", "warmup.csv"):
+                _write_curve([], Path(plots_dir) / name)
+        return {**m, "seconds": round(time.time() - start, 2)}
     examples = read_captions(captions, image_root, p.max_captions)
     if len(examples) <= p.eval_captions:
         raise DataError(f"{captions}: {len(examples)} captions, need more than pretrain.eval_captions={p.eval_captions}")

@@ -164,16 +164,16 @@ def generate_answers(
 ) -> list[str]:
     """Batched greedy generation (left padding); one answer string per item."""
     import torch
-    from tqdm.auto import tqdm
 
-    from align2llava.models.chat import prompt_messages, render
+    from align2llava.models.chat import needs_bos, prompt_messages, render
+    from align2llava.progress import Progress
 
     tok = processor.tokenizer
     tok.padding_side = "left"
     device = next(model.parameters()).device
     model.eval()
     answers: list[str] = []
-    bar = tqdm(total=len(items), desc="generate", unit="q", disable=None)
+    progress = Progress(len(items), "generate", "q", log)
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
         texts = [
@@ -185,8 +185,10 @@ def generate_answers(
             for it in batch
             if it.image is not None
         ]
+        # the checkpoint's template rendered the prompt; the tokenizer adds only a BOS it leaves out
         inputs = processor(
-            text=texts, images=images or None, padding=True, return_tensors="pt", add_special_tokens=False
+            text=texts, images=images or None, padding=True, return_tensors="pt",
+            add_special_tokens=needs_bos(tok, texts[0]),
         ).to(device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -199,8 +201,9 @@ def generate_answers(
             )
         new = out[:, inputs["input_ids"].shape[1] :]
         answers += [a.strip() for a in tok.batch_decode(new, skip_special_tokens=True)]
-        bar.update(len(batch))
-    bar.close()
+        progress.update(len(batch), **{"prompt tok": int(inputs["attention_mask"].sum()),
+                                       "generated tok": int((new != tok.pad_token_id).sum())})
+    progress.close()
     return answers
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from align2llava.errors import Align2LlavaError, DataError
 from align2llava.models.lora import LLM_LINEAR, target_regex
 from align2llava.models.precision import compute_dtype
 from align2llava.models.runtime import cpu_seconds, peak_memory_mb, process_state
+from align2llava.progress import Progress
 from align2llava.steps.finetune.data import IGNORE_INDEX, InstructionDataset, collate, prepare_examples
 
 log = logging.getLogger(__name__)
@@ -349,13 +351,37 @@ def finetune(
             if logs and "loss" in logs and on_step is not None:
                 on_step(state.global_step, {"loss": logs["loss"], "learning_rate": logs.get("learning_rate", 0.0)})
 
+    # a log line every 30 s with steps/s, tokens/s (all processes, from the epoch's token count) and ETA
+    per_step = math.ceil(len(examples) / (params.per_device_train_batch_size * params.gradient_accumulation_steps
+                                          * state.num_processes))
+    step_tokens = n_tokens / max(per_step, 1)
+
+    class ProgressLog(TrainerCallback):
+        meter: Progress | None = None
+
+        def on_train_begin(self, args, st, control, **kw):
+            if st.is_world_process_zero:
+                self.meter = Progress(st.max_steps, "finetune", "steps", log, initial=st.global_step, bar=False)
+
+        def on_step_end(self, args, st, control, **kw):
+            if self.meter is not None:
+                self.meter.update(1, tok=step_tokens)
+
+        def on_log(self, args, st, control, logs=None, **kw):
+            if self.meter is not None and logs and "loss" in logs:
+                self.meter.status = f"loss {logs['loss']:.4f}"
+
+        def on_train_end(self, args, st, control, **kw):
+            if self.meter is not None:
+                self.meter.close()
+
     pad = processor.tokenizer.pad_token_id
     trainer = LlavaTrainer(
         model=model,
         args=args,
         train_dataset=InstructionDataset(examples, processor),
         data_collator=lambda batch: collate(batch, pad),
-        callbacks=[StepLog()],
+        callbacks=[StepLog(), ProgressLog()],
     )
     if resume_from:
         log.info("resuming from %s", resume_from)

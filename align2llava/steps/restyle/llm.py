@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from align2llava.errors import DataError
+from align2llava.models.chat import render, reply_lead, text_ids
 from align2llava.models.precision import resolve_restyle_dtype
 
 CACHE_VERSION = 2  # bump when model-call code changes what a key returns
@@ -107,6 +108,7 @@ class ResponseCache:
 # ------------------------------------------------------------------------------- inner LLM
 class LLM(Protocol):
     fingerprint: str
+    reply_lead: str
 
     def chat(self, messages: list[dict[str, str]]) -> str: ...
     def n_tokens(self, text: str) -> int: ...
@@ -149,6 +151,10 @@ class InnerLLM:
         self.template = self.tok.chat_template or getattr(processor, "chat_template", None)
         if not self.template:
             raise DataError(f"{path}: the tokenizer has no chat template")
+        # what the template puts between its generation prompt and a reply (" " for llava-hf)
+        self.reply_lead = reply_lead(self.tok, self.template)
+        pair = self.tok("x y", add_special_tokens=False).input_ids
+        self._drops_lead = len(pair) > 1 and self.tok.decode(pair[1:]) != " y"
         self.batch_size, self.temperature, self.seed = batch_size, temperature, seed
         self.no_repeat_ngram = no_repeat_ngram
         # outputs differ by dtype, so it is part of the cache key
@@ -166,15 +172,19 @@ class InnerLLM:
         self.stop_ids = {self.tok.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
 
     def chat(self, messages: list[dict[str, str]]) -> str:
-        return self.tok.apply_chat_template(
-            messages, chat_template=self.template, tokenize=False, add_generation_prompt=True
-        )
+        """The prompt for `messages` through the checkpoint's own template (plain-string or
+        structured content, models.chat), ending with its generation prompt."""
+        return render(self.tok, messages, generation_prompt=True, template=self.template)
 
     def n_tokens(self, text: str) -> int:
         return len(self.tok(text, add_special_tokens=False).input_ids)
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """A rendered prompt's ids: no special tokens added but a BOS the template leaves out."""
+        return text_ids(self.tok, prompt)
+
     def _batch(self, texts: list[str], side: str) -> tuple[Any, Any]:
-        return self._batch_ids([self.tok(t, add_special_tokens=False).input_ids for t in texts], side)
+        return self._batch_ids([self.prompt_ids(t) for t in texts], side)
 
     def _batch_ids(self, ids: list[list[int]], side: str) -> tuple[Any, Any]:
         import torch
@@ -199,7 +209,7 @@ class InnerLLM:
         import torch
         from transformers import DynamicCache
 
-        ids = [self.tok(p, add_special_tokens=False).input_ids for p in prompts]
+        ids = [self.prompt_ids(p) for p in prompts]
         n_shared = 0
         while n_shared < min(len(x) for x in ids) - 1 and all(x[n_shared] == ids[0][n_shared] for x in ids):
             n_shared += 1
@@ -249,9 +259,20 @@ class InnerLLM:
                                    position_ids=next_pos[:, None], **kw).last_hidden_state[:, -1]
                 next_pos = next_pos + 1
         return [
-            {"text": self.tok.decode(toks, skip_special_tokens=True), "finished": done, "tokens": len(toks)}
-            for toks, done in zip(out_tokens, finished)
+            {"text": self.continuation(row[-1], toks), "finished": done, "tokens": len(toks)}
+            for row, toks, done in zip(ids, out_tokens, finished)
         ]
+
+    def continuation(self, last_prompt_id: int, toks: list[int]) -> str:
+        """The text of generated tokens as it continues the prompt. A SentencePiece tokenizer
+        (Llama's) drops a leading space when decoding tokens on their own ("▁it" -> "it"), which
+        would glue a prefilled "Yes" to the next word; such tokens are decoded after the
+        prompt's last token, and that token's text is taken off again."""
+        if not self._drops_lead:
+            return self.tok.decode(toks, skip_special_tokens=True)
+        head = self.tok.decode([last_prompt_id], skip_special_tokens=True)
+        both = self.tok.decode([last_prompt_id, *toks], skip_special_tokens=True)
+        return both[len(head):] if both.startswith(head) else self.tok.decode(toks, skip_special_tokens=True)
 
     def _ban_repeats(self, logits: Any, generated: list[list[int]]) -> None:
         """Forbid each row's tokens that would complete an n-gram it already generated."""
@@ -280,7 +301,7 @@ class InnerLLM:
         """(summed NLL, tokens) of each response given its prompt."""
         import torch
 
-        p_ids = [self.tok(p, add_special_tokens=False).input_ids for p in prompts]
+        p_ids = [self.prompt_ids(p) for p in prompts]
         r_ids = [self.tok(r, add_special_tokens=False).input_ids for r in responses]
         width = max(len(p) + len(r) for p, r in zip(p_ids, r_ids))
         input_ids = torch.full((len(p_ids), width), self.tok.pad_token_id, dtype=torch.long)

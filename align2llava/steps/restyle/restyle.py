@@ -38,6 +38,7 @@ from pydantic import Field
 
 from align2llava.config import Section
 from align2llava.errors import DataError
+from align2llava.progress import Progress
 from align2llava.steps.restyle.content import _norm, check_content, clean_rewrite, failure_kind, polarity, repetitive
 from align2llava.steps.restyle.llm import REVIEW_LABELS, InnerLLM, ResponseCache, review_messages, rewrite_messages
 
@@ -141,19 +142,18 @@ def _batched(items: list[Any], size: int) -> list[list[Any]]:
 def _cached_calls(llm: LLM, cache: ResponseCache, kind: str, jobs: list[tuple[Any, dict[str, Any]]],
                   run: Any, batch_size: int, desc: str) -> list[Any]:
     """Look every job up in the cache; run the misses in batches (sorted by prompt length)."""
-    from tqdm import tqdm
-
     keys = [cache.key(kind, prompt, settings) for prompt, settings in jobs]
     results: list[Any] = [cache.get(k) for k in keys]
     todo = sorted({k: i for i, k in enumerate(keys) if results[i] is None}.values(),
                   key=lambda i: (len(json.dumps(jobs[i][0])), keys[i]))
-    with tqdm(total=len(todo), desc=desc, unit="rec", disable=None) as bar:
+    with Progress(len(todo), desc, "rec", log) as progress:
         for batch in _batched(todo, batch_size):
             values = run([jobs[i] for i in batch])
             cache.put({keys[i]: v for i, v in zip(batch, values)})
             for i, v in zip(batch, values):
                 results[i] = v
-            bar.update(len(batch))
+            generated = sum(v.get("tokens", 0) for v in values if isinstance(v, dict))
+            progress.update(len(batch), **({"generated tok": generated} if generated else {}))
     return [results[i] if results[i] is not None else cache.data[keys[i]] for i in range(len(keys))]
 
 
@@ -182,7 +182,9 @@ def restyle(records: list[dict[str, Any]], llm: LLM, params: RestyleParams, *, s
         cap = min(params.max_new_tokens, int(params.max_length_ratio * llm.n_tokens(t.original)) + 8)
         prefix = (polarity(t.original) or "").capitalize() if params.prefill_yes_no else ""
         prefixes.append(prefix)
-        jobs.append((llm.chat(rewrite_messages(t.question, t.original)) + prefix, {**settings, "cap": cap}))
+        # a prefilled start follows the template's own lead-in to a reply (" " after "ASSISTANT:")
+        lead = getattr(llm, "reply_lead", "") if prefix else ""
+        jobs.append((llm.chat(rewrite_messages(t.question, t.original)) + lead + prefix, {**settings, "cap": cap}))
     gen_t = time.perf_counter()
     outs = _cached_calls(
         llm, cache, "rewrite", jobs,

@@ -19,6 +19,7 @@ from align2llava.errors import DataError
 from align2llava.models.lora import LLM_LINEAR, _lora_regex, resolve_layers
 from align2llava.models.precision import _is_cpu, cast_backbone, precision
 from align2llava.models.reward_model import Encoder, RewardModel, pair_text, save_reward_model
+from align2llava.progress import Progress
 from align2llava.steps.reward_training.pairs import augmentation_pairs, image_swap_pairs, mismatch_pairs
 
 log = logging.getLogger(__name__)
@@ -195,19 +196,19 @@ class _PairData:
 def _cache_prefix(rm: RewardModel, encoder: Encoder, data: _PairData, batch_size: int,
                   device: Any, desc: str) -> list[Any]:
     """Hidden states entering the first adapted layer for every distinct text (unpadded)."""
-    from tqdm import tqdm
-
     dtype = next(p.dtype for p in rm.llava().parameters())
     order = sorted(range(len(data.items)), key=lambda i: -len(data.items[i][0]))
     cache: list[Any] = [None] * len(data.items)
     rm.eval()
-    for s in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=None):
-        chunk = order[s : s + batch_size]
-        batch = encoder.batch([data.items[i] for i in chunk], dtype=dtype)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        h = rm.prefix_hidden(**batch)
-        for row, i in enumerate(chunk):
-            cache[i] = h[row, : len(data.items[i][0])].clone()
+    with Progress(len(order), desc, "texts", log) as progress:
+        for s in range(0, len(order), batch_size):
+            chunk = order[s : s + batch_size]
+            batch = encoder.batch([data.items[i] for i in chunk], dtype=dtype)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            h = rm.prefix_hidden(**batch)
+            for row, i in enumerate(chunk):
+                cache[i] = h[row, : len(data.items[i][0])].clone()
+            progress.update(len(chunk), tok=sum(len(data.items[i][0]) for i in chunk))
     return cache
 
 
@@ -236,7 +237,7 @@ def _rewards_of(rm: Any, data: _PairData, cache: list[Any] | None, encoder: Enco
 
 
 def _evaluate(rm: RewardModel, data: _PairData, cache: list[Any] | None, encoder: Encoder,
-              batch_size: int, device: Any) -> float:
+              batch_size: int, device: Any, desc: str = "validate") -> float:
     import torch
 
     dtype = next(p.dtype for p in rm.llava().parameters())
@@ -244,12 +245,13 @@ def _evaluate(rm: RewardModel, data: _PairData, cache: list[Any] | None, encoder
     scores = [0.0] * len(data.items)
     was_training = rm.training
     rm.eval()
-    with torch.no_grad():
+    with torch.no_grad(), Progress(len(order), desc, "texts", log, bar=False) as progress:
         for s in range(0, len(order), batch_size):
             chunk = order[s : s + batch_size]
             r = _rewards_of(rm, data, cache, encoder, chunk, device, dtype).float().cpu().tolist()
             for i, v in zip(chunk, r):
                 scores[i] = v
+            progress.update(len(chunk), tok=sum(len(data.items[i][0]) for i in chunk))
     rm.train(was_training)
     return pairwise_accuracy([scores[c] for c, _ in data.pairs], [scores[r] for _, r in data.pairs])
 
@@ -269,7 +271,6 @@ def train_reward_model(
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm import tqdm
     from transformers import get_scheduler
 
     t0 = time.time()
@@ -323,11 +324,14 @@ def train_reward_model(
     curve: list[dict[str, Any]] = []
     step, loss_sum, loss_n, last_loss = 0, 0.0, 0, float("nan")
     model.train()
-    bar = tqdm(total=total, desc=f"train {kind} RM", unit="step", disable=None)
+    progress = Progress(total, f"train {kind} RM", "steps", log)
+    step_pairs = step_tokens = 0
     while step < total:
         for idx in loader:
             with accelerator.accumulate(model):
                 texts = sorted({t for i in idx for t in train_data.pairs[i]})
+                step_pairs += len(idx)
+                step_tokens += sum(len(train_data.items[t][0]) for t in texts)
                 pos = {t: k for k, t in enumerate(texts)}
                 r = _rewards_of(model, train_data, train_cache, encoder, texts, device, dtype)
                 c = torch.tensor([pos[train_data.pairs[i][0]] for i in idx], device=r.device)
@@ -349,16 +353,17 @@ def train_reward_model(
             row: dict[str, Any] = {"step": step, "loss": last_loss, "val_accuracy": None}
             if val and (step % eval_every == 0 or step == total):
                 row["val_accuracy"] = _evaluate(rm, val_data, val_cache, encoder,
-                                                params.per_device_eval_batch_size, device)
+                                                params.per_device_eval_batch_size, device, f"{kind} RM validation")
                 model.train()
             curve.append(row)
             if on_step is not None and accelerator.is_main_process:
                 on_step(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{last_loss:.3f}")
+            progress.status = f"loss {last_loss:.3f}"
+            progress.update(1, pairs=step_pairs * n_proc, tok=step_tokens * n_proc)  # about, all processes
+            step_pairs = step_tokens = 0
             if step >= total:
                 break
-    bar.close()
+    progress.close()
     acc = next((r["val_accuracy"] for r in reversed(curve) if r["val_accuracy"] is not None), None)
     accelerator.wait_for_everyone()
     if out_dir is not None and accelerator.is_main_process:
