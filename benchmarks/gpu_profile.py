@@ -1,9 +1,9 @@
 """GPU profile at LLaVA-1.5-7B's exact dimensions, random weights (nothing downloaded).
 
-    python benchmarks/gpu_profile.py                          # one GPU
-    python benchmarks/gpu_profile.py --attn flash_attention_2 --score-batch-sizes 16,32,64,128
-    python benchmarks/gpu_profile.py --pool llava_instruct_150k.json --tokenizer /path/to/llava-1.5-7b-hf
-    python benchmarks/gpu_profile.py --tiny --device cpu      # the same code on a tiny config (tests)
+    python -m benchmarks.gpu_profile                          # one GPU
+    python -m benchmarks.gpu_profile --attn flash_attention_2 --score-batch-sizes 16,32,64,128
+    python -m benchmarks.gpu_profile --pool llava_instruct_150k.json --tokenizer /path/to/llava-1.5-7b-hf
+    python -m benchmarks.gpu_profile --tiny --device cpu      # the same code on a tiny config (tests)
 
 Builds LlavaForConditionalGeneration with llava-hf/llava-1.5-7b-hf's config (Vicuna-7B: 32
 layers, hidden 4096, 32 heads, MLP 11008, vocab 32064; CLIP ViT-L/14 at 336 px, 24 layers,
@@ -37,15 +37,12 @@ replaces them with the pool's own (mean text tokens per item, QA turns per recor
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 IMAGE_TOKENS = 576
 IMAGE_ID, PAD_ID = 32000, 32001

@@ -1,7 +1,7 @@
 """The curation report at scale: time and size of reports/curation for a pool of N records.
 
-    python benchmarks/report_scale.py                     # 158,000 records (LLaVA-Instruct-158k)
-    python benchmarks/report_scale.py --records 900       # the demo's size
+    python -m benchmarks.report_scale                     # 158,000 records (LLaVA-Instruct-158k)
+    python -m benchmarks.report_scale --records 900       # the demo's size
 
 Makes a synthetic run in a temporary folder (pool, scores, the real selection's audit, a
 restyle log for the kept records, 64 distinct images), builds the report and prints the time of
@@ -16,21 +16,18 @@ import json
 import random
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 TASKS = ("conversation", "detail", "complex_reasoning")
 
 
 def synthesize(tmp: Path, n: int, seed: int = 0) -> dict[str, Path]:
+    from align2llava.models.build import make_image
     from align2llava.steps.selection import SelectParams, parse_scores, select
-    from tests.conftest import make_image
 
     rng = random.Random(seed)
     images = tmp / "images"
