@@ -76,24 +76,10 @@ def test_repo_root_inside_dvc_queue_workspace(tmp_path):
 
 
 def _sections() -> dict[str, type[Section]]:
-    from align2llava.demo.diagnostics import DiagnoseParams
-    from align2llava.demo.pretrain.pretrain import PretrainParams
-    from align2llava.demo.synthesis.params import SynthesizeParams
-    from align2llava.report.report import ReportParams
-    from align2llava.steps.annotations.importer import AnnotateImportParams
-    from align2llava.steps.annotations.tasks import AnnotationTasksParams
-    from align2llava.steps.evaluation.evaluation import EvaluateParams
-    from align2llava.steps.finetune.train import FinetuneParams
-    from align2llava.steps.restyle.restyle import RestyleParams
-    from align2llava.steps.reward_training.train import TrainRewardParams
-    from align2llava.steps.scoring import ScoreParams
-    from align2llava.steps.selection import SelectParams
+    """Every params section's class, from the one registry (align2llava.ops.preset)."""
+    from align2llava.ops.preset import SECTIONS, section_model
 
-    return {"base": BaseParams, "synthesize": SynthesizeParams, "pretrain": PretrainParams,
-            "annotate_import": AnnotateImportParams, "train_reward": TrainRewardParams,
-            "score": ScoreParams, "select": SelectParams, "restyle": RestyleParams,
-            "finetune": FinetuneParams, "evaluate": EvaluateParams, "diagnose": DiagnoseParams,
-            "report": ReportParams, "annotation_tasks": AnnotationTasksParams}
+    return {name: section_model(name) for name in SECTIONS}
 
 
 def test_every_params_section_has_a_class():

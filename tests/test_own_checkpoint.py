@@ -300,7 +300,7 @@ def user_params(params: dict, user: dict[str, Path], checkpoint: Path) -> dict:
                                 answers=str(user["answers"]), input=str(user["input"]), val_fraction=0.25)
     p["train_reward"].update(layers_to_transform=None, lora_r=4, lora_alpha=8, max_length=640,
                              num_train_epochs=1, per_device_train_batch_size=8, per_device_eval_batch_size=8)
-    p["score"].update(oracle=None, batch_size=8)
+    p["score"].update(batch_size=8)
     p["select"].update(question_keep_ratio=0.5, keep_ratio=0.5)
     p["restyle"].update(batch_size=2, max_new_tokens=8)
     p["finetune"].update(layers_to_transform=None, lora_r=4, lora_alpha=8, max_length=700, max_steps=2,

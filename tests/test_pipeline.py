@@ -230,6 +230,7 @@ def test_param_change_reruns_only_downstream(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(data))
     assert repro() == {"select", "diagnose", "restyle", "finetune", "evaluate", "report"}
     # the demo diagnostics are a leaf: pointing them elsewhere reruns nothing of the method
+    (repo / "elsewhere.jsonl").write_text("{}\n")
     data["diagnose"]["oracle"] = "elsewhere.jsonl"
     (repo / "params.yaml").write_text(yaml.safe_dump(data))
     assert repro() == {"diagnose"}

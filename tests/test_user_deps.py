@@ -16,7 +16,8 @@ import yaml
 from tests.conftest import ROOT
 from tests.test_pipeline import DVC, STUB, _git
 
-DOWNSTREAM_OF_SCORE = {"score", "select", "restyle", "finetune", "evaluate"}
+# what editing the pool reruns: score and what follows it, and the stages that read the pool too
+DOWNSTREAM_OF_SCORE = {"annotation-tasks", "score", "select", "diagnose", "restyle", "finetune", "evaluate", "report"}
 
 
 def _user_files(user: Path) -> dict[str, Path]:
@@ -78,11 +79,13 @@ def test_editing_a_users_file_reruns_exactly_what_reads_it(tmp_path):
         finally:
             files[key].write_bytes(before)
 
-    assert readers("pool") == {"score", "select"}  # no reward model is retrained
+    # no reward model is retrained; annotation-tasks samples the pool, diagnose and report read it
+    assert readers("pool") == {"annotation-tasks", "score", "select", "diagnose", "report"}
     assert readers("questions") == {"annotate-import"}
     assert readers("input") == {"annotate-import"}
-    assert readers("model") == {"train-reward", "score", "restyle", "finetune"}
-    assert readers("image") == {"annotate-import", "train-reward", "score", "finetune", "evaluate"}
+    assert readers("model") == {"annotation-tasks", "train-reward", "score", "restyle", "finetune"}
+    assert readers("image") == {"annotation-tasks", "annotate-import", "train-reward", "score", "finetune",
+                                "evaluate", "report"}
     assert json.loads(run("status", "--json")) == {}
     # and an edit reruns its readers and what follows them
     files["pool"].write_bytes(files["pool"].read_bytes() + b" ")

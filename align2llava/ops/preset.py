@@ -29,6 +29,9 @@ SECTIONS = {
     "restyle": "align2llava.steps.restyle.restyle:RestyleParams",
     "finetune": "align2llava.steps.finetune.train:FinetuneParams",
     "evaluate": "align2llava.steps.evaluation.evaluation:EvaluateParams",
+    "annotation_tasks": "align2llava.steps.annotations.tasks:AnnotationTasksParams",
+    "diagnose": "align2llava.demo.diagnostics:DiagnoseParams",
+    "report": "align2llava.report.report:ReportParams",
 }
 
 
