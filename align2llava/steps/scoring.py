@@ -54,7 +54,7 @@ class ScoreParams(Section):
     # Decode every image while checking the pool (else only check that the file exists).
     decode_images: bool = True
     # auto: bf16 on GPUs; fp32 weights with bf16 matmuls (mixed) on CPUs with native bf16; else
-    # float32 (align2llava.reward.precision).
+    # float32 (align2llava.models.precision).
     dtype: Literal["auto", "float32", "bfloat16", "float16", "mixed"] = "auto"
     # Diagnosis only (the demo's defect oracle): AUROC of the scores per defect type when the
     # file exists. Scores never depend on it. null: skip.

@@ -19,7 +19,6 @@ greedy captions' accuracy on each word group of `params.word_groups` (shape, col
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import random
@@ -47,7 +46,7 @@ from align2llava.demo.pretrain.align import (
 from align2llava.demo.pretrain.warmup import pixel_batch, probe_accuracy, warm_up_vision
 from align2llava.errors import DataError
 from align2llava.models.loading import _staging, _swap_in, pass_through
-from align2llava.models.precision import bf16_autocast
+from align2llava.models.precision import resolve
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +86,8 @@ class PretrainParams(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_new_tokens: int = Field(16, ge=1)
     generate_before: bool = False  # also caption the held-out images before training (costs time)
-    # bf16 autocast for the frozen LLM's matmuls: auto = where the CPU/GPU supports bf16.
+    # bf16 autocast for the frozen LLM's matmuls: auto = where the CPU/GPU computes bf16
+    # natively (models.precision), true = always, false = never.
     bf16: str = Field("auto", pattern="^(auto|true|false)$")
 
 
@@ -149,7 +149,8 @@ def pretrain(p: PretrainParams, seed: int, captions: str | Path, image_root: str
         model, processor = load_mllm(p.init, dtype="float32")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.float().to(device)
-    autocast = bf16_autocast(p.bf16, device)
+    prec = resolve({"auto": "auto", "true": "bfloat16", "false": "float32"}[p.bf16], device, "pretrain")
+    autocast = prec.autocast_factory(device)
     tok = processor.tokenizer
     vc = model.config.vision_config
     n_img = (vc.image_size // vc.patch_size) ** 2 + (model.config.vision_feature_select_strategy != "default")
@@ -163,7 +164,7 @@ def pretrain(p: PretrainParams, seed: int, captions: str | Path, image_root: str
     enc_train = [encode(tok, prompt, e.caption, n_img, image_token) for e in train]
     enc_held = [encode(tok, prompt, e.caption, n_img, image_token) for e in held]
     log.info("%s train / %s held-out captions prepared in %.1f s (%s, bf16 autocast %s)", f"{len(train):,}",
-             len(held), time.time() - t0, device, autocast is not contextlib.nullcontext)
+             len(held), time.time() - t0, device, prec.autocast is not None)
     refs = [e.caption for e in held]
     # the tokens before the image are the same in every sample: cache their keys/values once
     n_pre = enc_train[0][0].index(tok.convert_tokens_to_ids(image_token))

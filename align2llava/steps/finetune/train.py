@@ -36,7 +36,7 @@ from align2llava.config import Section
 from align2llava.data.records import validate_records
 from align2llava.errors import Align2LlavaError, DataError
 from align2llava.models.lora import LLM_LINEAR, target_regex
-from align2llava.models.precision import compute_dtype
+from align2llava.models.precision import resolve
 from align2llava.models.runtime import cpu_seconds, peak_memory_mb, process_state
 from align2llava.steps.finetune.data import IGNORE_INDEX, InstructionDataset, collate, prepare_examples
 
@@ -279,8 +279,8 @@ def finetune(
     resume_from = last_checkpoint(ckpt_dir) if params.resume else None
 
     # fp32 weights; bf16/fp16 autocast (mixed precision) where the hardware computes it natively
-    compute = compute_dtype(dtype)
-    bf16, fp16 = compute == torch.bfloat16, compute == torch.float16
+    prec = resolve(dtype, "cuda" if torch.cuda.is_available() else "cpu", "finetune")
+    bf16, fp16 = prec.autocast == "bfloat16", prec.autocast == "float16"
     args = TrainingArguments(
         output_dir=str(ckpt_dir),
         seed=params.seed,

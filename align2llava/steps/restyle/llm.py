@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from align2llava.errors import DataError
-from align2llava.models.precision import resolve_restyle_dtype
+from align2llava.models.precision import resolve
 
 CACHE_VERSION = 2  # bump when model-call code changes what a key returns
 
@@ -141,7 +141,7 @@ class InnerLLM:
         from align2llava.models.loading import load_mllm
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.dtype = resolve_restyle_dtype(dtype)
+        self.dtype = resolve(dtype, device, "restyle").weights
         self.model, processor = load_mllm(path, dtype=self.dtype, device=device)
         self.model.eval()
         self.device = device
