@@ -26,6 +26,7 @@ from typing import Any, Sequence
 
 from align2llava.data.images import load_rgb, resolve_image
 from align2llava.errors import Align2LlavaError, DataError
+from align2llava.models.batching import pad_batch
 from align2llava.models.precision import autocast, is_cpu, resolve
 
 KINDS = ("question", "answer")
@@ -101,14 +102,8 @@ class Encoder:
         """Right-padded batch of (ids, image) items."""
         import torch
 
-        width = max(len(ids) for ids, _ in items)
-        input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for i, (ids, _) in enumerate(items):
-            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            mask[i, : len(ids)] = 1
+        out = pad_batch([ids for ids, _ in items], self.pad_id)
         images = [self.pixels(im) for _, im in items if im is not None]
-        out = {"input_ids": input_ids, "attention_mask": mask}
         if images:
             px = torch.stack(images)
             out["pixel_values"] = px.to(dtype) if dtype is not None else px

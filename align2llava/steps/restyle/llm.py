@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from align2llava.errors import DataError
+from align2llava.models.batching import pad_batch
 from align2llava.models.precision import resolve
 
 CACHE_VERSION = 2  # bump when model-call code changes what a key returns
@@ -177,17 +178,8 @@ class InnerLLM:
         return self._batch_ids([self.tok(t, add_special_tokens=False).input_ids for t in texts], side)
 
     def _batch_ids(self, ids: list[list[int]], side: str) -> tuple[Any, Any]:
-        import torch
-
-        width = max(len(x) for x in ids)
-        pad = self.tok.pad_token_id
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            sl = slice(width - len(x), width) if side == "left" else slice(0, len(x))
-            input_ids[i, sl] = torch.tensor(x)
-            mask[i, sl] = 1
-        return input_ids.to(self.device), mask.to(self.device)
+        b = pad_batch(ids, self.tok.pad_token_id, side=side, device=self.device)  # type: ignore[arg-type]
+        return b["input_ids"], b["attention_mask"]
 
     def generate(self, prompts: list[str], caps: list[int]) -> list[dict[str, Any]]:
         """Continue each prompt until end of turn or its own token cap: {"text", "finished", "tokens"}.
@@ -282,15 +274,10 @@ class InnerLLM:
 
         p_ids = [self.tok(p, add_special_tokens=False).input_ids for p in prompts]
         r_ids = [self.tok(r, add_special_tokens=False).input_ids for r in responses]
-        width = max(len(p) + len(r) for p, r in zip(p_ids, r_ids))
-        input_ids = torch.full((len(p_ids), width), self.tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for i, (p, r) in enumerate(zip(p_ids, r_ids)):
-            input_ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-            mask[i, : len(p) + len(r)] = 1
+        input_ids, mask = self._batch_ids([p + r for p, r in zip(p_ids, r_ids)], "right")
         out = []
         with torch.inference_mode():
-            hidden = self.body(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+            hidden = self.body(input_ids=input_ids, attention_mask=mask).last_hidden_state
             for i, (p, r) in enumerate(zip(p_ids, r_ids)):
                 if not r:
                     out.append((0.0, 0))
