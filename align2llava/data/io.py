@@ -12,11 +12,12 @@ the file as a whole cannot be read.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from align2llava.data.records import IMAGE_TOKEN, Problem, content_id
 from align2llava.errors import DataError
@@ -251,6 +252,31 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
     return write_records(rows, path, "jsonl")
 
 
+def write_csv(rows: Iterable[Any], path: str | Path, columns: Sequence[str] | None = None) -> Path:
+    """A CSV file (DVC plots, reports), written atomically in Python's csv dialect: commas, \r\n
+    line ends, quotes only where needed; None is an empty cell.
+
+    `rows` of dicts: one column per name in `columns` (default: the first row's keys; a missing
+    key is an empty cell, other keys are left out), after a header line. `rows` of sequences:
+    written as they are, after `columns` as the header line when given. No rows and no columns:
+    an empty file.
+    """
+    path = Path(path)
+    rows = list(rows)
+    if rows and isinstance(rows[0], dict):
+        columns = list(columns) if columns is not None else list(rows[0])
+        rows = [[r.get(c) for c in columns] for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        if columns is not None:
+            w.writerow(columns)
+        w.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
 def read_jsonl_strict(path: str | Path) -> list[dict[str, Any]]:
     loaded = read_records(path, "jsonl")
     if loaded.problems:
@@ -268,6 +294,7 @@ __all__ = [
     "read_records_strict",
     "write_records",
     "write_jsonl",
+    "write_csv",
     "read_jsonl_strict",
     "messages_to_llava",
     "llava_to_messages",

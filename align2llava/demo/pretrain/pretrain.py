@@ -19,7 +19,6 @@ greedy captions' accuracy on each word group of `params.word_groups` (shape, col
 
 from __future__ import annotations
 
-import csv
 import logging
 import random
 import time
@@ -31,7 +30,7 @@ from pydantic import Field
 
 from align2llava.config import Section
 from align2llava.data.images import resolve_image
-from align2llava.data.io import read_jsonl_strict
+from align2llava.data.io import read_jsonl_strict, write_csv
 from align2llava.demo.pretrain.align import (
     align_captions,
     caption_loss,
@@ -109,15 +108,6 @@ def read_captions(path: str | Path, image_root: str | Path, limit: int) -> list[
         resolve_image(image_root, row["image"])
         out.append(Example(row["image"], row["caption"].strip()))
     return out
-
-
-def _write_curve(rows: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        if rows:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
 
 
 def pretrain(p: PretrainParams, seed: int, captions: str | Path, image_root: str | Path, out_dir: str | Path,
@@ -215,7 +205,7 @@ def pretrain(p: PretrainParams, seed: int, captions: str | Path, image_root: str
         raise DataError(f"{work}: the saved model does not reload to the same outputs (loss {a:.5f} vs {b:.5f})")
     _swap_in(work, out)
     if plots_dir is not None:
-        _write_curve(steps, Path(plots_dir) / "steps.csv")
-        _write_curve(warm_curve, Path(plots_dir) / "warmup.csv")
+        write_csv(steps, Path(plots_dir) / "steps.csv")
+        write_csv(warm_curve, Path(plots_dir) / "warmup.csv")
     return {"passthrough": 0, "train_captions": len(train), "eval_captions": len(held), "before": before,
             "after": after, **warm, **align, "seconds": round(time.time() - start, 1)}

@@ -21,7 +21,6 @@ params are the same; the final model is saved merged, loadable by `models.loadin
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import shutil
@@ -33,6 +32,7 @@ from typing import Any, Literal
 from pydantic import field_validator
 
 from align2llava.config import Section
+from align2llava.data.io import write_csv
 from align2llava.data.records import validate_records
 from align2llava.errors import Align2LlavaError, DataError
 from align2llava.models.lora import LLM_LINEAR, target_regex
@@ -412,11 +412,6 @@ def save_model(model: Any, processor: Any, out_dir: Path) -> Path:
 
 
 def write_steps_csv(steps: list[dict[str, float]], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "loss", "learning_rate"])
-        for s in steps:
-            w.writerow([s["step"], f"{s['loss']:.6f}", f"{s['learning_rate']:.3e}"])
-    return path
+    """plots/finetune/steps.csv: step, loss (6 decimals), learning_rate (3 significant digits)."""
+    rows = [[s["step"], f"{s['loss']:.6f}", f"{s['learning_rate']:.3e}"] for s in steps]
+    return write_csv(rows, path, ["step", "loss", "learning_rate"])
