@@ -72,3 +72,24 @@ def test_unknown_extension_and_missing_file(tmp_path):
         read_records(tmp_path / "x.csv")
     with pytest.raises(DataError, match="file not found"):
         read_records(tmp_path / "missing.json")
+
+
+def test_fingerprint_keys_on_contents_not_location(tmp_path):
+    from align2llava.data.io import fingerprint
+
+    for d in ("a", "b"):
+        (tmp_path / d / "sub").mkdir(parents=True)
+        (tmp_path / d / "config.json").write_text("{}")
+        (tmp_path / d / "sub" / "w.safetensors").write_bytes(b"\x00\x01")
+        (tmp_path / d / "README.md").write_text(d)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert fingerprint(a, suffixes=(".json", ".safetensors")) == fingerprint(b, suffixes=(".json", ".safetensors"))
+    assert fingerprint(a) != fingerprint(b)  # README.md differs and counts without a suffix filter
+    before = fingerprint(a, extra={"batch": 4})
+    assert before != fingerprint(a, extra={"batch": 8}) and before != fingerprint(a)
+    (a / "sub" / "w.safetensors").write_bytes(b"\x00\x02")
+    assert fingerprint(a, extra={"batch": 4}) != before
+    assert fingerprint(a / "config.json", a / "x") != fingerprint(a / "config.json")  # a missing path counts
+    assert fingerprint(a / "config.json", b / "README.md") != fingerprint(b / "README.md", a / "config.json")
+    assert fingerprint(extra=[{"id": 1}]) == fingerprint(extra=[{"id": 1}]) != fingerprint(extra=[{"id": 2}])
+    assert len(before) == 64

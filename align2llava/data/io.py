@@ -13,6 +13,7 @@ the file as a whole cannot be read.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -277,6 +278,39 @@ def write_csv(rows: Iterable[Any], path: str | Path, columns: Sequence[str] | No
     return path
 
 
+def fingerprint(*paths: str | Path, extra: Any = None, suffixes: Sequence[str] | None = None) -> str:
+    """sha256 (hex) of what a cache or resume key is made from: file contents and `extra`.
+
+    A file counts with its name and bytes; a folder with every file below it (sorted; only those
+    ending in one of `suffixes` when given), each by its relative path and bytes; a missing path
+    by its name. Where a path lies does not count (put it in `extra` when it should). `extra` is
+    anything JSON can write (other objects by their str()), keys sorted.
+    """
+    h = hashlib.sha256()
+    for p in map(Path, paths):
+        h.update(b"\0path\0")
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*")
+                           if f.is_file() and (suffixes is None or f.name.endswith(tuple(suffixes))))
+            for f in files:
+                h.update(f.relative_to(p).as_posix().encode() + b"\0" + _file_digest(f))
+        elif p.is_file():
+            h.update(p.name.encode() + b"\0" + _file_digest(p))
+        else:
+            h.update(b"missing\0" + p.name.encode())
+    if extra is not None:
+        h.update(b"\0extra\0" + json.dumps(extra, sort_keys=True, ensure_ascii=False, default=str).encode())
+    return h.hexdigest()
+
+
+def _file_digest(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.digest()
+
+
 def read_jsonl_strict(path: str | Path) -> list[dict[str, Any]]:
     loaded = read_records(path, "jsonl")
     if loaded.problems:
@@ -295,6 +329,7 @@ __all__ = [
     "write_records",
     "write_jsonl",
     "write_csv",
+    "fingerprint",
     "read_jsonl_strict",
     "messages_to_llava",
     "llava_to_messages",

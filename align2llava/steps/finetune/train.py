@@ -21,7 +21,6 @@ params are the same; the final model is saved merged, loadable by `models.loadin
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
@@ -32,7 +31,7 @@ from typing import Any, Literal
 from pydantic import field_validator
 
 from align2llava.config import Section
-from align2llava.data.io import write_csv
+from align2llava.data.io import fingerprint, write_csv
 from align2llava.data.records import validate_records
 from align2llava.errors import Align2LlavaError, DataError
 from align2llava.models.lora import LLM_LINEAR, target_regex
@@ -192,18 +191,6 @@ class FinetuneResult:
     model: Any = None  # the merged model, as saved
 
 
-def fingerprint(params: FinetuneParams, data: Path, base_model: Path) -> str:
-    """What a checkpoint was made from: resume only when this matches."""
-    h = hashlib.sha256()
-    h.update(params.model_dump_json().encode())
-    h.update(Path(data).read_bytes())
-    h.update(str(Path(base_model).resolve()).encode())
-    cfg = Path(base_model) / "config.json"
-    if cfg.exists():
-        h.update(cfg.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def prepare_checkpoint_dir(folder: Path, stamp: str, resume: bool) -> None:
     """Keep `folder`'s checkpoints only when resuming from the same data and params."""
     old = folder / "fingerprint.txt"
@@ -271,7 +258,8 @@ def finetune(
     log.info("training %s of %s parameters (%s)", f"{trainable:,}", f"{total:,}", params.mode)
 
     ckpt_dir = Path(params.checkpoint_dir)
-    stamp = fingerprint(params, data, base_model)
+    # what a checkpoint was made from (resume only when it matches): data, params, base model
+    stamp = fingerprint(data, base_model / "config.json", extra=[params.model_dump(), str(base_model.resolve())])[:16]
     state = process_state()
     if state.is_main_process:  # one process tidies the checkpoint folder, the others wait
         prepare_checkpoint_dir(ckpt_dir, stamp, params.resume)

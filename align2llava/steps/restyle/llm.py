@@ -9,11 +9,14 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
+from align2llava.data.io import fingerprint
 from align2llava.errors import DataError
 from align2llava.models.batching import pad_batch
 from align2llava.models.precision import resolve
 
 CACHE_VERSION = 2  # bump when model-call code changes what a key returns
+# the files of a model folder its outputs depend on: config, tokenizer, template, weights
+MODEL_FILES = (".json", ".jinja", ".safetensors", ".model", ".txt")
 
 REWRITE_SYSTEM = (
     "You are a helpful assistant. You rewrite answers in your own words. "
@@ -116,22 +119,6 @@ class LLM(Protocol):
     def nll(self, prompts: list[str], responses: list[str]) -> list[tuple[float, int]]: ...
 
 
-def model_fingerprint(path: str | Path) -> str:
-    """sha256 over the model folder's config, tokenizer, template and weight files."""
-    path = Path(path)
-    h = hashlib.sha256()
-    names = sorted(
-        p for p in path.iterdir()
-        if p.is_file() and (p.suffix in (".json", ".jinja", ".safetensors", ".model", ".txt"))
-    )
-    for p in names:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 class InnerLLM:
     """The language model of an HF LLaVA folder, used text-only through its chat template."""
 
@@ -153,7 +140,7 @@ class InnerLLM:
         self.batch_size, self.temperature, self.seed = batch_size, temperature, seed
         self.no_repeat_ngram = no_repeat_ngram
         # outputs differ by dtype, so it is part of the cache key
-        self.fingerprint = f"{model_fingerprint(path)}-{self.dtype}"
+        self.fingerprint = f"{fingerprint(path, suffixes=MODEL_FILES)}-{self.dtype}"
         inner = getattr(self.model, "model", self.model)
         body = getattr(inner, "language_model", None)
         self.body = body if body is not None else self.model.get_decoder()
