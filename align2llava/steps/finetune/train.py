@@ -34,7 +34,7 @@ from align2llava.config import Section
 from align2llava.data.io import fingerprint, write_csv
 from align2llava.data.records import validate_records
 from align2llava.errors import Align2LlavaError, DataError
-from align2llava.models.lora import LLM_LINEAR, target_regex
+from align2llava.models.lora import LLM_LINEAR, lora_regex
 from align2llava.models.precision import resolve
 from align2llava.models.runtime import cpu_seconds, peak_memory_mb, process_state
 from align2llava.steps.finetune.data import IGNORE_INDEX, InstructionDataset, collate, prepare_examples
@@ -121,10 +121,11 @@ def prepare_model(model: Any, params: FinetuneParams) -> Any:
         r=params.lora_r,
         lora_alpha=params.lora_alpha,
         lora_dropout=params.lora_dropout,
-        target_modules=target_regex(
+        target_modules=lora_regex(
             params.lora_target_modules,
             params.layers_to_transform,
             model.config.text_config.num_hidden_layers,
+            "finetune.",
         ),
         modules_to_save=([] if params.freeze_mm_mlp_adapter else [PROJECTOR])
         + ([VISION_TOWER] if params.tune_vision_tower else []),

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from align2llava.config import Section
 from align2llava.errors import DataError
-from align2llava.models.lora import LLM_LINEAR, _lora_regex, resolve_layers
+from align2llava.models.lora import LLM_LINEAR, lora_regex, resolve_layers
 from align2llava.models.precision import is_cpu, resolve
 from align2llava.models.reward_model import Encoder, RewardModel, pair_text, save_reward_model
 from align2llava.steps.reward_training.pairs import augmentation_pairs, image_swap_pairs, mismatch_pairs
@@ -79,7 +79,7 @@ def build_reward_model(
     prec.cast(backbone)
     backbone.requires_grad_(False)
     n_layers = len(backbone.language_model.layers)
-    layers = resolve_layers(params.layers_to_transform, n_layers)
+    layers = resolve_layers(params.layers_to_transform, n_layers, "train_reward.")
     hidden = int(backbone.config.text_config.hidden_size)
     train_proj = params.method == "frozen" or params.train_projector
     if train_proj:  # trained in fp32, fed by an fp32 vision tower
@@ -92,7 +92,7 @@ def build_reward_model(
             r=params.lora_r,
             lora_alpha=params.lora_alpha,
             lora_dropout=params.lora_dropout,
-            target_modules=_lora_regex(n_layers, layers, params.lora_target_modules),
+            target_modules=lora_regex(params.lora_target_modules, layers, n_layers, "train_reward."),
             bias="none",
         )
         backbone = get_peft_model(backbone, config)  # adapters in fp32
