@@ -18,7 +18,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from align2llava.data.records import IMAGE_TOKEN, Problem, content_id
 from align2llava.errors import DataError
@@ -311,11 +311,40 @@ def _file_digest(path: Path) -> bytes:
     return h.digest()
 
 
-def read_jsonl_strict(path: str | Path) -> list[dict[str, Any]]:
-    loaded = read_records(path, "jsonl")
-    if loaded.problems:
-        raise DataError(str(loaded.problems[0]))
-    return loaded.records
+def read_jsonl_strict(
+    path: str | Path,
+    *,
+    required: Sequence[str] = (),
+    check: Callable[[dict[str, Any]], str | None] | None = None,
+    missing_hint: str | None = None,
+) -> list[dict[str, Any]]:
+    """Our own JSONL files, read strictly: each non-blank line one JSON object, holding every
+    key in `required`, for which `check(row)` returns None (else the problem, e.g. "has kind
+    'x'"). The first problem is a one-line DataError naming the file and line:
+    `pairs.jsonl: line 3 lacks keys kind (of id, kind, split)`. `missing_hint` says what writes
+    the file when it does not exist ("run the score stage first").
+    """
+    path = Path(path)
+    if missing_hint and not path.exists():
+        raise DataError(f"{path}: file not found ({missing_hint})")
+    rows = []
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {n} is not valid JSON: {exc.msg}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {n} is not a JSON object")
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise DataError(f"{path}: line {n} lacks keys {', '.join(missing)} (of {', '.join(required)})")
+        problem = check(row) if check is not None else None
+        if problem:
+            raise DataError(f"{path}: line {n}: {problem}")
+        rows.append(row)
+    return rows
 
 
 __all__ = [

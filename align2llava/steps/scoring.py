@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from align2llava.config import Section
-from align2llava.data.io import fingerprint
+from align2llava.data.io import fingerprint, read_jsonl_strict
 from align2llava.data.records import human_turns, qa_pairs, record_problems
 from align2llava.data.rejects import Rejects
 from align2llava.errors import DataError
@@ -277,18 +277,4 @@ SCORE_KEYS = ("id", "task", "question_score", "answer_score", "turns")
 
 def read_scores(path: str | Path) -> list[dict[str, Any]]:
     """scores.jsonl, read strictly (our own intermediate file)."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found (run the score stage first)") from None
-    rows = []
-    for n, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {n + 1} is not valid JSON: {exc.msg}") from None
-        if not isinstance(row, dict) or any(k not in row for k in SCORE_KEYS):
-            raise DataError(f"{path}: line {n + 1} lacks keys of {', '.join(SCORE_KEYS)}")
-        rows.append(row)
-    return rows
+    return read_jsonl_strict(path, required=SCORE_KEYS, missing_hint="run the score stage first")

@@ -98,13 +98,15 @@ class Example:
 
 def read_captions(path: str | Path, image_root: str | Path, limit: int) -> list[Example]:
     """captions.jsonl rows {"id", "image", "caption"} (our own file: read strictly)."""
-    rows = read_jsonl_strict(path)
-    out = []
-    for n, row in enumerate(rows[:limit]):
-        if not isinstance(row, dict) or not isinstance(row.get("caption"), str) or not row["caption"].strip():
-            raise DataError(f"{path}: line {n + 1}: expected {{\"id\", \"image\", \"caption\"}} with a non-empty caption")
+    def problem(row: dict[str, Any]) -> str | None:
+        if not isinstance(row.get("caption"), str) or not row["caption"].strip():
+            return 'expected {"id", "image", "caption"} with a non-empty caption'
         if not isinstance(row.get("image"), str):
-            raise DataError(f"{path}: line {n + 1}: 'image' must be a path string")
+            return "'image' must be a path string"
+        return None
+
+    out = []
+    for row in read_jsonl_strict(path, check=problem)[:limit]:
         resolve_image(image_root, row["image"])
         out.append(Example(row["image"], row["caption"].strip()))
     return out
