@@ -100,3 +100,13 @@ def test_grounding_probe_runs_on_a_tiny_model(tmp_path, monkeypatch, tiny_llava)
     assert all(0.0 <= float(v) <= 1.0 for r in rows for v in r[1:])
     res = CliRunner().invoke(main, ["--base", str(tiny_llava), "--images", "20", "--layers", "9"])
     assert res.exit_code != 0 and "--layers" in res.output
+
+
+def test_precision_spread_compares_thread_counts():
+    from benchmarks.precision_spread import main
+
+    res = CliRunner().invoke(main, ["--records", "6", "--dtypes", "float32", "--threads", "1,2", "--no-restyle"])
+    assert res.exit_code == 0, res.output
+    rows = [line.split() for line in res.output.splitlines() if line.startswith("float32 ")]
+    assert [r[1] for r in rows] == ["1", "2"]
+    assert all(float(r[3]) == 0.0 and r[4] == "0/6" for r in rows)  # float32: the same scores
