@@ -8,14 +8,14 @@ from align2llava.errors import Align2LlavaError
 from align2llava.models import precision
 from align2llava.models.precision import PURPOSES, Precision, is_cpu, native_bf16, resolve
 
-# auto on a CPU with native bf16, per purpose: (weights, autocast). These are the decisions the
-# stages took before the policy was one module; the demo's outputs depend on them.
+# auto on a CPU with native bf16, per purpose: (weights, autocast). Inference (whose numbers are
+# compared across runs) in float32, reproducible across thread counts; training keeps bf16.
 NATIVE_CPU_AUTO = {
     "train_reward": ("mixed", "bfloat16"),
-    "score": ("mixed", "bfloat16"),
+    "score": ("float32", None),
     "finetune": ("float32", "bfloat16"),
     "pretrain": ("float32", "bfloat16"),
-    "restyle": ("bfloat16", None),
+    "restyle": ("float32", None),
     "evaluate": ("float32", None),
 }
 

@@ -1,9 +1,17 @@
 """Precision: the one policy for the dtypes weights and matmuls use, per stage and machine.
 
 This policy decides reproducibility. float32 results depend only on the inputs (to float
-rounding); bf16 matmuls round every product's inputs to 8 bits of mantissa, so a result also
-depends on how the work is split: batch composition and padding (scores moved by up to ~0.9,
-std ~1.2, with bf16 weights on the demo), and the number of threads or processes.
+rounding, ~1e-6); bf16 rounds every matmul input to 8 bits of mantissa, so a tiny difference
+anywhere (batch composition and padding, how a kernel splits the work over threads or
+processes) can flip a rounding and grow through the layers: with bf16 on a CPU with native bf16
+the demo's scores moved by up to ~0.9 (std ~1.2, bf16 weights) with batch composition and by up
+to 0.98 (std ~2, mixed) between 1 and 2 threads per process, which changed 2 of the 81 selected
+records. Whether threads matter depends on the CPU's kernels: on an AMD Zen 5 (AVX512-BF16, no
+AMX) random models up to SmolLM2's size gave bit-identical scores and generations at 1 and 2
+threads in every dtype (benchmarks/precision_spread.py). So with `auto`, everything whose
+output is compared across runs runs in float32 on a CPU: the scores `select` thresholds, the
+evaluation answers, and restyle (its bf16 matmuls are the same kernels as scoring's, and one
+flipped greedy token changes the rest of a rewrite).
 
     prec = resolve(setting, device, purpose)   # Precision(weights, autocast)
     prec.cast(module)                          # weights as the policy says
@@ -23,11 +31,16 @@ How a stage applies low precision is fixed by its code (its purpose's *form*):
   apply.
 
 auto:
-- a CUDA GPU with native bf16: bfloat16;
-- a CPU with native bf16 (AMX / AVX512-BF16 instructions; several times faster than fp32
-  there): train_reward and score mixed (far steadier than bf16 weights), finetune, pretrain
-  and restyle bfloat16, evaluate float32 (bf16 generations changed with batch composition: 43
-  of 64 answers equal at batch 32 vs 7 on the demo, fp32 ones 64 of 64);
+- a CUDA GPU with native bf16: bfloat16 for every stage (GPU results depend on the GPU and its
+  kernels anyway; set float32 where they must not move);
+- a CPU with native bf16 (AMX / AVX512-BF16 instructions): score, restyle and evaluate float32
+  (reproducible across thread and process counts; mixed / bfloat16 stay available: they scored
+  1.9x / 3.4x faster than float32 with a SmolLM2-sized random model at 1 thread on the Zen 5
+  above); the training stages keep bf16: train_reward mixed (far steadier than bf16 weights),
+  finetune and pretrain bf16 autocast. Training is where the CPU time goes, and its output is
+  a model judged by its held-out metrics rather than compared number for number; a rerun on
+  the same machine and thread count still gives the same model. Set dtype float32
+  (pretrain.bf16 false) for models that do not depend on the thread count either;
 - anything else: float32.
 
 Native bf16 is one detection, `native_bf16(device)`: a CUDA GPU that computes bf16 without
@@ -52,10 +65,10 @@ Purpose = Literal["train_reward", "score", "finetune", "pretrain", "restyle", "e
 # purpose: (form, what auto means on a CPU with native bf16)
 PURPOSES: dict[str, tuple[str, str]] = {
     "train_reward": ("cast", "mixed"),
-    "score": ("cast", "mixed"),
+    "score": ("cast", "float32"),
     "finetune": ("autocast", "bfloat16"),
     "pretrain": ("autocast", "bfloat16"),
-    "restyle": ("weights", "bfloat16"),
+    "restyle": ("weights", "float32"),
     "evaluate": ("weights", "float32"),
 }
 

@@ -54,8 +54,8 @@ class ScoreParams(Section):
     reject_budget: float = Field(0.01, ge=0.0)
     # Decode every image while checking the pool (else only check that the file exists).
     decode_images: bool = True
-    # auto: bf16 on GPUs; fp32 weights with bf16 matmuls (mixed) on CPUs with native bf16; else
-    # float32 (align2llava.models.precision).
+    # auto: bf16 on GPUs, float32 on CPUs: scores that do not depend on the batch, thread or
+    # process count (align2llava.models.precision). mixed / bfloat16: faster on native-bf16 CPUs.
     dtype: Literal["auto", "float32", "bfloat16", "float16", "mixed"] = "auto"
     # Diagnosis only (the demo's defect oracle): AUROC of the scores per defect type when the
     # file exists. Scores never depend on it. null: skip.

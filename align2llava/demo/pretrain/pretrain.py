@@ -86,7 +86,7 @@ class PretrainParams(Section):
     max_new_tokens: int = Field(16, ge=1)
     generate_before: bool = False  # also caption the held-out images before training (costs time)
     # bf16 autocast for the frozen LLM's matmuls: auto = where the CPU/GPU computes bf16
-    # natively (models.precision), true = always, false = never.
+    # natively (training keeps bf16: models.precision), true = always, false = never.
     bf16: str = Field("auto", pattern="^(auto|true|false)$")
 
 

@@ -378,7 +378,7 @@ def evaluate(
         raise DataError("evaluate: nothing to evaluate (vqa_file, pope_file and eval_file are all null)")
 
     device = "cuda" if torch.cuda.is_available() else None
-    # auto: bf16 on a GPU, fp32 on a CPU (models.precision says why)
+    # auto: bf16 on a GPU, float32 on a CPU (models.precision says why)
     weights = resolve(dtype, device or "cpu", "evaluate").weights
     model, processor = load_mllm(model_dir, dtype=weights, device=device)
     t0, c0 = time.perf_counter(), cpu_seconds()

@@ -58,7 +58,8 @@ class TrainRewardParams(Section):
     # Validate every N optimizer steps (0: once per epoch) and at the end.
     eval_steps: int = Field(0, ge=0)
     per_device_eval_batch_size: int = Field(32, ge=1)
-    # auto: bf16 on GPUs; mixed on CPUs with native bf16; else float32 (models.precision).
+    # auto: bf16 on GPUs; mixed on CPUs with native bf16 (fp32 weights, bf16 matmuls); else
+    # float32 (models.precision says why training keeps bf16).
     dtype: Literal["auto", "float32", "bfloat16", "float16", "mixed"] = "auto"
     # Compute the frozen bottom layers once (only when just the top layers adapt).
     cache_frozen_layers: bool = True
