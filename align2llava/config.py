@@ -32,7 +32,8 @@ class BaseParams(Section):
     # Where the instruction pool and its images come from.
     pool: str = "data/synthesize/pool.json"
     image_root: str = "data/synthesize/images"
-    # "auto": bf16 on a GPU that supports it, else float32.
+    # finetune's and evaluate's precision (models.precision): auto = bf16 on a GPU; on a CPU,
+    # finetune bf16 autocast where native, evaluate float32; or float32 / bfloat16 / float16.
     dtype: str = "auto"
     # How the heavy stages are started (dvc.yaml: `${base.launcher} -m stages.<name>`):
     # "python", or "accelerate launch --num_processes 8" for many GPUs / nodes.

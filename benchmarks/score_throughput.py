@@ -5,10 +5,10 @@
     python -m benchmarks.score_throughput --tiny          # tiny random models, a quick check
 
 Prints records/s and items/s (one item = one reward-model forward of one text) for both ways,
-the speed-up, and the largest score difference between them: float noise in float32; with bf16
-matmuls (score.dtype auto on a GPU or an AMX CPU) padding and batch composition move scores
-by more (up to 0.17 on the demo, where scores have a standard deviation of ~2), so set
-score.dtype float32 where scores must not depend on the batch.
+the speed-up, and the largest score difference between them: float noise in float32 (score.dtype
+auto on a CPU); with bf16 matmuls (auto on a GPU, or mixed / bfloat16) padding and batch
+composition move scores by more (up to 0.17 on the demo, where scores have a standard deviation
+of ~2). benchmarks/precision_spread.py compares thread counts.
 """
 
 from __future__ import annotations

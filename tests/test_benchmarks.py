@@ -125,3 +125,13 @@ def test_benchmark_runs_as_a_module_without_path_edits_or_tests(name):
     assert f"python -m benchmarks.{name}" in (ast.get_docstring(tree) or "")
     res = CliRunner().invoke(importlib.import_module(f"benchmarks.{name}").main, ["--help"])
     assert res.exit_code == 0 and "Usage:" in res.output, res.output
+
+
+def test_precision_spread_compares_thread_counts():
+    from benchmarks.precision_spread import main
+
+    res = CliRunner().invoke(main, ["--records", "6", "--dtypes", "float32", "--threads", "1,2", "--no-restyle"])
+    assert res.exit_code == 0, res.output
+    rows = [line.split() for line in res.output.splitlines() if line.startswith("float32 ")]
+    assert [r[1] for r in rows] == ["1", "2"]
+    assert all(float(r[3]) == 0.0 and r[4] == "0/6" for r in rows)  # float32: the same scores

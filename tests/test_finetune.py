@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from align2llava.errors import Align2LlavaError, DataError
 from align2llava.models.chat import image_token_count
-from align2llava.models.lora import target_regex
+from align2llava.models.lora import lora_regex
 from align2llava.steps.finetune.data import IGNORE_INDEX, InstructionDataset, collate, encode_record, prepare_examples
 from align2llava.steps.finetune.train import (
     FinetuneParams,
@@ -116,14 +116,14 @@ def test_answer_loss_equals_the_models_own_loss(mllm, image_root):
 def test_target_regex_limits_lora_to_llm_layers():
     import re
 
-    rx = target_regex(["q_proj", "down_proj"], [-1, 0], 4)
+    rx = lora_regex(["q_proj", "down_proj"], [-1, 0], 4)
     assert re.fullmatch(rx, "model.language_model.layers.3.self_attn.q_proj")
     assert re.fullmatch(rx, "model.language_model.layers.0.mlp.down_proj")
     assert not re.fullmatch(rx, "model.language_model.layers.2.self_attn.q_proj")
     assert not re.fullmatch(rx, "model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj")
-    assert not re.fullmatch(target_regex("all-linear"), "lm_head")
+    assert not re.fullmatch(lora_regex("all-linear"), "lm_head")
     with pytest.raises(Align2LlavaError, match="layer 4 does not exist"):
-        target_regex(["q_proj"], [4], 4)
+        lora_regex(["q_proj"], [4], 4)
 
 
 @pytest.fixture

@@ -72,3 +72,71 @@ def test_unknown_extension_and_missing_file(tmp_path):
         read_records(tmp_path / "x.csv")
     with pytest.raises(DataError, match="file not found"):
         read_records(tmp_path / "missing.json")
+
+
+def test_fingerprint_keys_on_contents_not_location(tmp_path):
+    from align2llava.data.io import fingerprint
+
+    for d in ("a", "b"):
+        (tmp_path / d / "sub").mkdir(parents=True)
+        (tmp_path / d / "config.json").write_text("{}")
+        (tmp_path / d / "sub" / "w.safetensors").write_bytes(b"\x00\x01")
+        (tmp_path / d / "README.md").write_text(d)
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert fingerprint(a, suffixes=(".json", ".safetensors")) == fingerprint(b, suffixes=(".json", ".safetensors"))
+    assert fingerprint(a) != fingerprint(b)  # README.md differs and counts without a suffix filter
+    before = fingerprint(a, extra={"batch": 4})
+    assert before != fingerprint(a, extra={"batch": 8}) and before != fingerprint(a)
+    (a / "sub" / "w.safetensors").write_bytes(b"\x00\x02")
+    assert fingerprint(a, extra={"batch": 4}) != before
+    assert fingerprint(a / "config.json", a / "x") != fingerprint(a / "config.json")  # a missing path counts
+    assert fingerprint(a / "config.json", b / "README.md") != fingerprint(b / "README.md", a / "config.json")
+    assert fingerprint(extra=[{"id": 1}]) == fingerprint(extra=[{"id": 1}]) != fingerprint(extra=[{"id": 2}])
+    assert len(before) == 64
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"id": 1, "k": 2}\n{"id": 2\n', "line 2 is not valid JSON"),
+    ('{"id": 1, "k": 2}\n\n[1, 2]\n', "line 3 is not a JSON object"),
+    ('{"id": 1}\n', "line 1 lacks keys k (of id, k)"),
+    ('{"id": 1, "k": -1}\n', "line 1: k must be >= 0"),
+])
+def test_read_jsonl_strict_names_file_and_line(tmp_path, content, message):
+    from align2llava.data.io import read_jsonl_strict
+
+    f = tmp_path / "rows.jsonl"
+    f.write_text(content)
+    with pytest.raises(DataError) as exc:
+        read_jsonl_strict(f, required=("id", "k"), check=lambda r: "k must be >= 0" if r["k"] < 0 else None)
+    assert str(exc.value).startswith(f"{f}: {message}")
+    assert "\n" not in str(exc.value)
+
+
+def test_read_jsonl_strict_reads_rows_as_written(tmp_path):
+    from align2llava.data.io import read_jsonl_strict
+
+    f = tmp_path / "rows.jsonl"
+    rows = [{"id": "a", "conversations": [], "k": 1}, {"messages": [], "k": 2}]  # never normalised
+    f.write_bytes(b"\xef\xbb\xbf" + "\n".join(json.dumps(r) for r in rows).encode() + b"\n\n")
+    assert read_jsonl_strict(f, required=("k",)) == rows
+    with pytest.raises(DataError, match=r"file not found \(run the score stage first\)"):
+        read_jsonl_strict(tmp_path / "none.jsonl", missing_hint="run the score stage first")
+    with pytest.raises(DataError, match="file not found"):
+        read_jsonl_strict(tmp_path / "none.jsonl")
+
+
+def test_pairs_and_scores_readers_share_it(tmp_path):
+    from align2llava.steps.annotations.importer import PAIR_KEYS, read_pairs
+    from align2llava.steps.scoring import read_scores
+
+    pair = {k: "x" for k in PAIR_KEYS} | {"kind": "question", "split": "train"}
+    f = tmp_path / "pairs.jsonl"
+    f.write_text(json.dumps(pair) + "\n" + json.dumps({**pair, "split": "test"}) + "\n")
+    with pytest.raises(DataError, match=r"pairs.jsonl: line 2: has kind 'question' / split 'test'"):
+        read_pairs(f)
+    with pytest.raises(DataError, match="run annotate-import first"):
+        read_pairs(tmp_path / "no.jsonl")
+    f = tmp_path / "scores.jsonl"
+    f.write_text('{"id": "a", "task": null, "question_score": 1, "answer_score": 2, "turns": []}\n{"id": "b"}\n')
+    with pytest.raises(DataError, match=r"scores.jsonl: line 2 lacks keys task, question_score"):
+        read_scores(f)

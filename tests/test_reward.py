@@ -292,9 +292,3 @@ def test_stage_trains_both_models(tiny_llava, image_root, tmp_path, monkeypatch)
     (tmp_path / "pairs.jsonl").write_text('{"id": 1}\n')
     res = CliRunner().invoke(main, ["--pairs", "pairs.jsonl"])
     assert res.exit_code == 1 and "lacks keys" in res.output and "Traceback" not in res.output
-
-
-def test_cpu_devices_of_accelerate_processes_count_as_cpu():
-    from align2llava.models.precision import _is_cpu
-
-    assert _is_cpu("cpu") and _is_cpu("cpu:1") and not _is_cpu("cuda:0")

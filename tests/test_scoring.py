@@ -181,6 +181,35 @@ def test_two_processes_match_one(tiny_rms, image_root, tmp_path):
     assert two == (tmp_path / "one.jsonl").read_bytes()
 
 
+_SCORE_AT = """
+import json, sys, torch
+torch.set_num_threads(int(sys.argv[1]))
+from align2llava.steps.scoring import ScoreParams, load_reward_models, score_records
+from tests.test_scoring import pool_records
+models = load_reward_models(sys.argv[2] + "/question", sys.argv[2] + "/answer", image_root=sys.argv[3],
+                            dtype=ScoreParams().dtype)
+print(json.dumps([str(models.question.autocast_dtype), score_records(models, pool_records(), 4)]))
+"""
+
+
+def test_default_scores_do_not_depend_on_the_thread_count(tiny_rms, image_root):
+    """score.dtype's default (auto) on a CPU: float32, and the same scores at 1 and 2 threads."""
+    from align2llava.models.precision import resolve
+
+    assert ScoreParams().dtype == "auto" and str(resolve("auto", "cpu", "score")) == "float32"
+    procs = [subprocess.Popen([sys.executable, "-c", _SCORE_AT, str(n), str(tiny_rms), str(image_root)], cwd=ROOT,
+                              env=dict(os.environ, OMP_NUM_THREADS=str(n), PYTHONPATH=str(ROOT)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (1, 2)]
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    (amp1, one), (amp2, two) = outs
+    assert amp1 == amp2 == "None"  # no bf16 autocast under the default on a CPU
+    assert len(one) == len(pool_records()) and one == two
+
+
 def test_load_pool_rejects_bad_records(tmp_path, image_root):
     recs = pool_records()
     recs[2]["conversations"][0]["from"] = "gpt"

@@ -12,11 +12,13 @@ the file as a whole cannot be read.
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from align2llava.data.records import IMAGE_TOKEN, Problem, content_id
 from align2llava.errors import DataError
@@ -251,11 +253,98 @@ def write_jsonl(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
     return write_records(rows, path, "jsonl")
 
 
-def read_jsonl_strict(path: str | Path) -> list[dict[str, Any]]:
-    loaded = read_records(path, "jsonl")
-    if loaded.problems:
-        raise DataError(str(loaded.problems[0]))
-    return loaded.records
+def write_csv(rows: Iterable[Any], path: str | Path, columns: Sequence[str] | None = None) -> Path:
+    """A CSV file (DVC plots, reports), written atomically in Python's csv dialect: commas, \r\n
+    line ends, quotes only where needed; None is an empty cell.
+
+    `rows` of dicts: one column per name in `columns` (default: the first row's keys; a missing
+    key is an empty cell, other keys are left out), after a header line. `rows` of sequences:
+    written as they are, after `columns` as the header line when given. No rows and no columns:
+    an empty file.
+    """
+    path = Path(path)
+    rows = list(rows)
+    if rows and isinstance(rows[0], dict):
+        columns = list(columns) if columns is not None else list(rows[0])
+        rows = [[r.get(c) for c in columns] for r in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        if columns is not None:
+            w.writerow(columns)
+        w.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def fingerprint(*paths: str | Path, extra: Any = None, suffixes: Sequence[str] | None = None) -> str:
+    """sha256 (hex) of what a cache or resume key is made from: file contents and `extra`.
+
+    A file counts with its name and bytes; a folder with every file below it (sorted; only those
+    ending in one of `suffixes` when given), each by its relative path and bytes; a missing path
+    by its name. Where a path lies does not count (put it in `extra` when it should). `extra` is
+    anything JSON can write (other objects by their str()), keys sorted.
+    """
+    h = hashlib.sha256()
+    for p in map(Path, paths):
+        h.update(b"\0path\0")
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*")
+                           if f.is_file() and (suffixes is None or f.name.endswith(tuple(suffixes))))
+            for f in files:
+                h.update(f.relative_to(p).as_posix().encode() + b"\0" + _file_digest(f))
+        elif p.is_file():
+            h.update(p.name.encode() + b"\0" + _file_digest(p))
+        else:
+            h.update(b"missing\0" + p.name.encode())
+    if extra is not None:
+        h.update(b"\0extra\0" + json.dumps(extra, sort_keys=True, ensure_ascii=False, default=str).encode())
+    return h.hexdigest()
+
+
+def _file_digest(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.digest()
+
+
+def read_jsonl_strict(
+    path: str | Path,
+    *,
+    required: Sequence[str] = (),
+    check: Callable[[dict[str, Any]], str | None] | None = None,
+    missing_hint: str | None = None,
+) -> list[dict[str, Any]]:
+    """Our own JSONL files, read strictly: each non-blank line one JSON object, holding every
+    key in `required`, for which `check(row)` returns None (else the problem, e.g. "has kind
+    'x'"). The first problem is a one-line DataError naming the file and line:
+    `pairs.jsonl: line 3 lacks keys kind (of id, kind, split)`. `missing_hint` says what writes
+    the file when it does not exist ("run the score stage first").
+    """
+    path = Path(path)
+    if missing_hint and not path.exists():
+        raise DataError(f"{path}: file not found ({missing_hint})")
+    rows = []
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {n} is not valid JSON: {exc.msg}") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {n} is not a JSON object")
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise DataError(f"{path}: line {n} lacks keys {', '.join(missing)} (of {', '.join(required)})")
+        problem = check(row) if check is not None else None
+        if problem:
+            raise DataError(f"{path}: line {n}: {problem}")
+        rows.append(row)
+    return rows
 
 
 __all__ = [
@@ -268,6 +357,8 @@ __all__ = [
     "read_records_strict",
     "write_records",
     "write_jsonl",
+    "write_csv",
+    "fingerprint",
     "read_jsonl_strict",
     "messages_to_llava",
     "llava_to_messages",

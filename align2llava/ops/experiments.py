@@ -27,7 +27,6 @@ so it is tested without DVC.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -41,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from align2llava.data.io import write_csv
 from align2llava.errors import Align2LlavaError
 
 log = logging.getLogger(__name__)
@@ -276,17 +276,6 @@ def format_table(summary: list[dict[str, Any]], metrics: list[str] = SUMMARY_MET
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r[k]) for k in COLUMNS})
-    return path
-
-
 # ---------------------------------------------------------------------------- running DVC
 
 
@@ -411,7 +400,7 @@ def compression(
             f"no finished experiments named {prefix}-* at this baseline"
             + (f" ({len(failed)} failed: see `dvc queue logs {failed[0]}`)" if failed else "")
         )
-    write_csv(rows, out_csv)
+    write_csv(rows, out_csv, COLUMNS)
     table = format_table(summarize(rows))
     if out_md:
         Path(out_md).write_text(

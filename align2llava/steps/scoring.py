@@ -17,7 +17,6 @@ best candidate, and answer_score = mean over turns of the best candidate's score
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -29,9 +28,11 @@ from typing import Any, Literal
 from pydantic import Field
 
 from align2llava.config import Section
+from align2llava.data.io import fingerprint, read_jsonl_strict
 from align2llava.data.records import human_turns, qa_pairs, record_problems
 from align2llava.data.rejects import Rejects
 from align2llava.errors import DataError
+from align2llava.models.precision import resolve
 from align2llava.models.reward_model import answer_text, load_reward_model, question_text, score_items
 from align2llava.models.runtime import process_state
 from align2llava.progress import Progress
@@ -57,8 +58,8 @@ class ScoreParams(Section):
     reject_budget: float = Field(0.01, ge=0.0)
     # Decode every image while checking the pool (else only check that the file exists).
     decode_images: bool = True
-    # auto: bf16 on GPUs; fp32 weights with bf16 matmuls (mixed) on CPUs with native bf16; else
-    # float32 (align2llava.reward.precision).
+    # auto: bf16 on GPUs, float32 on CPUs: scores that do not depend on the batch, thread or
+    # process count (align2llava.models.precision). mixed / bfloat16: faster on native-bf16 CPUs.
     dtype: Literal["auto", "float32", "bfloat16", "float16", "mixed"] = "auto"
 
 
@@ -175,22 +176,7 @@ def score_records(models: RewardModels, records: Sequence[dict[str, Any]], batch
 # ----------------------------------------------------------------------------- shards
 
 
-def _sha(data: Any) -> str:
-    return hashlib.sha1(json.dumps(data, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()
-
-
-def model_fingerprint(*dirs: str | Path) -> str:
-    """Hash of every file of the reward model folders (small: adapters, heads, configs)."""
-    h = hashlib.sha1()
-    for d in dirs:
-        for f in sorted(Path(d).rglob("*")):
-            if f.is_file():
-                h.update(f.relative_to(d).as_posix().encode())
-                h.update(hashlib.sha1(f.read_bytes()).digest())
-    return h.hexdigest()
-
-
-def _read_shard(path: Path, fingerprint: str, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]] | None:
+def _read_shard(path: Path, key: str, records: Sequence[dict[str, Any]]) -> list[dict[str, Any]] | None:
     """A finished shard's rows, or None when it is missing or was made from other inputs."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -198,18 +184,18 @@ def _read_shard(path: Path, fingerprint: str, records: Sequence[dict[str, Any]])
         rows = [json.loads(x) for x in lines[1:]]
     except (OSError, IndexError, json.JSONDecodeError):
         return None
-    if head.get("fingerprint") != fingerprint or head.get("records") != _sha(records):
+    if head.get("fingerprint") != key or head.get("records") != fingerprint(extra=records):
         return None
     if [r.get("id") for r in rows] != [r["id"] for r in records]:
         return None
     return rows
 
 
-def _write_shard(path: Path, fingerprint: str, records: Sequence[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
+def _write_shard(path: Path, key: str, records: Sequence[dict[str, Any]], rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps({"fingerprint": fingerprint, "records": _sha(records)}) + "\n")
+        f.write(json.dumps({"fingerprint": key, "records": fingerprint(extra=records)}) + "\n")
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     tmp.replace(path)
 
@@ -259,8 +245,10 @@ def score_pool(
     rank, world = state.process_index, state.num_processes
     out_path = Path(out_path)
     work = Path(params.work_dir)
-    fp = _sha([model_fingerprint(params.question_model, params.answer_model), params.batch_size,
-               params.dtype, extra_fingerprint])
+    # the reward models' files (small: adapters, heads, configs), what batches and precision
+    # they run at, and the caller's extra (the stage: the base params)
+    fp = fingerprint(params.question_model, params.answer_model,
+                     extra=[params.batch_size, str(resolve(params.dtype, state.device, "score")), extra_fingerprint])
     shards = [records[i : i + params.shard_size] for i in range(0, len(records), params.shard_size)]
     names = [work / f"shard-{k:05d}.jsonl" for k in range(len(shards))]
     mine = [k for k in range(len(shards)) if k % world == rank]
@@ -331,18 +319,4 @@ SCORE_KEYS = ("id", "task", "question_score", "answer_score", "turns")
 
 def read_scores(path: str | Path) -> list[dict[str, Any]]:
     """scores.jsonl, read strictly (our own intermediate file)."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found (run the score stage first)") from None
-    rows = []
-    for n, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {n + 1} is not valid JSON: {exc.msg}") from None
-        if not isinstance(row, dict) or any(k not in row for k in SCORE_KEYS):
-            raise DataError(f"{path}: line {n + 1} lacks keys of {', '.join(SCORE_KEYS)}")
-        rows.append(row)
-    return rows
+    return read_jsonl_strict(path, required=SCORE_KEYS, missing_hint="run the score stage first")

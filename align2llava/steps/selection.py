@@ -31,7 +31,6 @@ are never kept; the audit lists them as dropped at "unscored".
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import random
@@ -373,15 +372,6 @@ def _histogram(scores: dict[str, ScoreRow], bins: int) -> list[tuple[str, int]]:
     return rows
 
 
-def write_csv(rows: list[tuple[str, int]], header: tuple[str, str], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
-
 
 
 def run_select(
@@ -397,7 +387,7 @@ def run_select(
     The pool is external input: entries that cannot be parsed or have no id are skipped here
     (the `score` stage already set them aside in its rejects file) and counted as `unreadable`.
     """
-    from align2llava.data.io import read_jsonl_strict, read_records, write_jsonl, write_records
+    from align2llava.data.io import read_jsonl_strict, read_records, write_csv, write_jsonl, write_records
 
     loaded = read_records(pool_path)
     pool = [r for r in loaded.records if isinstance(r, dict) and "id" in r]
@@ -410,6 +400,6 @@ def run_select(
     out = Path(out_dir)
     write_records(result.selected, out / "selected.json", "json")
     write_jsonl(result.audit, out / "audit.jsonl")
-    write_csv(result.funnel, ("step", "count"), Path(plots_dir) / "funnel.csv")
-    write_csv(result.histogram, ("bin", "count"), Path(plots_dir) / "histogram.csv")
+    write_csv(result.funnel, Path(plots_dir) / "funnel.csv", ("step", "count"))
+    write_csv(result.histogram, Path(plots_dir) / "histogram.csv", ("bin", "count"))
     return result

@@ -10,6 +10,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from align2llava.demo.pretrain.warmup import _log_progress, words
+from align2llava.models.batching import pad_batch
 
 if TYPE_CHECKING:
     from align2llava.demo.pretrain.pretrain import PretrainParams
@@ -36,17 +37,13 @@ def collate(batch: list[tuple[list[int], int]], pad_id: int) -> tuple[Any, Any, 
     """Right-padded ids, attention mask, and target positions (row, position of the predicting token)."""
     import torch
 
-    width = max(len(ids) for ids, _ in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    padded = pad_batch([seq for seq, _ in batch], pad_id)
     rows, cols = [], []
     for r, (seq, plen) in enumerate(batch):
-        ids[r, : len(seq)] = torch.tensor(seq)
-        mask[r, : len(seq)] = 1
         for pos in range(plen, len(seq)):
             rows.append(r)
             cols.append(pos - 1)  # the hidden state at pos-1 predicts token pos
-    return ids, mask, (torch.tensor(rows), torch.tensor(cols))
+    return padded["input_ids"], padded["attention_mask"], (torch.tensor(rows), torch.tensor(cols))
 
 
 def prefix_cache(model: Any, prefix_ids: list[int], autocast: Any = contextlib.nullcontext) -> Any:

@@ -19,8 +19,6 @@ greedy captions' accuracy on each word group of `params.word_groups` (shape, col
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import logging
 import random
 import time
@@ -32,7 +30,7 @@ from pydantic import Field
 
 from align2llava.config import Section
 from align2llava.data.images import resolve_image
-from align2llava.data.io import read_jsonl_strict
+from align2llava.data.io import read_jsonl_strict, write_csv
 from align2llava.demo.pretrain.align import (
     align_captions,
     caption_loss,
@@ -47,7 +45,7 @@ from align2llava.demo.pretrain.align import (
 from align2llava.demo.pretrain.warmup import pixel_batch, probe_accuracy, warm_up_vision
 from align2llava.errors import DataError
 from align2llava.models.loading import _staging, _swap_in, pass_through
-from align2llava.models.precision import bf16_autocast
+from align2llava.models.precision import resolve
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +85,8 @@ class PretrainParams(Section):
     weight_decay: float = Field(0.0, ge=0)
     max_new_tokens: int = Field(16, ge=1)
     generate_before: bool = False  # also caption the held-out images before training (costs time)
-    # bf16 autocast for the frozen LLM's matmuls: auto = where the CPU/GPU supports bf16.
+    # bf16 autocast for the frozen LLM's matmuls: auto = where the CPU/GPU computes bf16
+    # natively (training keeps bf16: models.precision), true = always, false = never.
     bf16: str = Field("auto", pattern="^(auto|true|false)$")
 
 
@@ -99,24 +98,18 @@ class Example:
 
 def read_captions(path: str | Path, image_root: str | Path, limit: int) -> list[Example]:
     """captions.jsonl rows {"id", "image", "caption"} (our own file: read strictly)."""
-    rows = read_jsonl_strict(path)
-    out = []
-    for n, row in enumerate(rows[:limit]):
-        if not isinstance(row, dict) or not isinstance(row.get("caption"), str) or not row["caption"].strip():
-            raise DataError(f"{path}: line {n + 1}: expected {{\"id\", \"image\", \"caption\"}} with a non-empty caption")
+    def problem(row: dict[str, Any]) -> str | None:
+        if not isinstance(row.get("caption"), str) or not row["caption"].strip():
+            return 'expected {"id", "image", "caption"} with a non-empty caption'
         if not isinstance(row.get("image"), str):
-            raise DataError(f"{path}: line {n + 1}: 'image' must be a path string")
+            return "'image' must be a path string"
+        return None
+
+    out = []
+    for row in read_jsonl_strict(path, check=problem)[:limit]:
         resolve_image(image_root, row["image"])
         out.append(Example(row["image"], row["caption"].strip()))
     return out
-
-
-def _write_curve(rows: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["step", "loss"])
-        w.writeheader()
-        w.writerows(rows)
 
 
 def pretrain(p: PretrainParams, seed: int, captions: str | Path, image_root: str | Path, out_dir: str | Path,
@@ -134,7 +127,7 @@ def pretrain(p: PretrainParams, seed: int, captions: str | Path, image_root: str
         m = pass_through(p.checkpoint, out)
         if plots_dir is not None:  # dvc.yaml declares both curves; a pass-through trains nothing
             for name in ("steps.csv", "warmup.csv"):
-                _write_curve([], Path(plots_dir) / name)
+                write_csv([], Path(plots_dir) / name, ["step", "loss"])
         return {**m, "seconds": round(time.time() - start, 2)}
     examples = read_captions(captions, image_root, p.max_captions)
     if len(examples) <= p.eval_captions:
@@ -152,7 +145,8 @@ def pretrain(p: PretrainParams, seed: int, captions: str | Path, image_root: str
         model, processor = load_mllm(p.init, dtype="float32")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.float().to(device)
-    autocast = bf16_autocast(p.bf16, device)
+    prec = resolve({"auto": "auto", "true": "bfloat16", "false": "float32"}[p.bf16], device, "pretrain")
+    autocast = prec.autocast_factory(device)
     tok = processor.tokenizer
     vc = model.config.vision_config
     n_img = (vc.image_size // vc.patch_size) ** 2 + (model.config.vision_feature_select_strategy != "default")
@@ -166,7 +160,7 @@ def pretrain(p: PretrainParams, seed: int, captions: str | Path, image_root: str
     enc_train = [encode(tok, prompt, e.caption, n_img, image_token) for e in train]
     enc_held = [encode(tok, prompt, e.caption, n_img, image_token) for e in held]
     log.info("%s train / %s held-out captions prepared in %.1f s (%s, bf16 autocast %s)", f"{len(train):,}",
-             len(held), time.time() - t0, device, autocast is not contextlib.nullcontext)
+             len(held), time.time() - t0, device, prec.autocast is not None)
     refs = [e.caption for e in held]
     # the tokens before the image are the same in every sample: cache their keys/values once
     n_pre = enc_train[0][0].index(tok.convert_tokens_to_ids(image_token))
@@ -217,7 +211,7 @@ def pretrain(p: PretrainParams, seed: int, captions: str | Path, image_root: str
         raise DataError(f"{work}: the saved model does not reload to the same outputs (loss {a:.5f} vs {b:.5f})")
     _swap_in(work, out)
     if plots_dir is not None:
-        _write_curve(steps, Path(plots_dir) / "steps.csv")
-        _write_curve(warm_curve, Path(plots_dir) / "warmup.csv")
+        write_csv(steps, Path(plots_dir) / "steps.csv")
+        write_csv(warm_curve, Path(plots_dir) / "warmup.csv")
     return {"passthrough": 0, "train_captions": len(train), "eval_captions": len(held), "before": before,
             "after": after, **warm, **align, "seconds": round(time.time() - start, 1)}

@@ -208,9 +208,11 @@ class MLLMGenerator:
         import torch
 
         from align2llava.models.loading import load_mllm
+        from align2llava.models.precision import resolve
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.processor = load_mllm(path, dtype=dtype, device=device)
+        weights = resolve(dtype, device, "annotation_tasks").weights
+        self.model, self.processor = load_mllm(path, dtype=weights, device=device)
         self.model.eval()
         self.device = device
         self.image_root = image_root

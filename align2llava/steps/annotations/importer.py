@@ -31,6 +31,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from align2llava.config import Section
+from align2llava.data.io import read_jsonl_strict
 from align2llava.data.rejects import Rejects
 from align2llava.errors import DataError
 from align2llava.steps.annotations.agreement import krippendorff_alpha_interval
@@ -245,25 +246,12 @@ PAIR_KEYS = ("id", "group", "image", "kind", "prompt", "chosen", "rejected", "ma
 
 def read_pairs(path: str | Path) -> list[dict[str, Any]]:
     """pairs.jsonl, read strictly (our own intermediate file)."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found (run annotate-import first)") from None
-    pairs = []
-    for n, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            p = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {n + 1} is not valid JSON: {exc.msg}") from None
-        if not isinstance(p, dict) or any(k not in p for k in PAIR_KEYS):
-            raise DataError(f"{path}: line {n + 1} lacks keys of {', '.join(PAIR_KEYS)}")
+    def problem(p: dict[str, Any]) -> str | None:
         if p["kind"] not in KINDS or p["split"] not in ("train", "val"):
-            raise DataError(f"{path}: line {n + 1} has kind {p['kind']!r} / split {p['split']!r}")
-        pairs.append(p)
-    return pairs
+            return f"has kind {p['kind']!r} / split {p['split']!r}"
+        return None
+
+    return read_jsonl_strict(path, required=PAIR_KEYS, check=problem, missing_hint="run annotate-import first")
 
 
 __all__ = [

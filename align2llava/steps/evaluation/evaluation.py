@@ -330,7 +330,7 @@ def evaluate(
     import torch
 
     from align2llava.models.loading import load_mllm
-    from align2llava.models.precision import resolve_dtype
+    from align2llava.models.precision import resolve
     from align2llava.models.runtime import cpu_seconds, peak_memory_mb
 
     root = Path(params.image_root or image_root)
@@ -348,10 +348,8 @@ def evaluate(
         raise DataError("evaluate: nothing to evaluate (vqa_file, pope_file and eval_file are all null)")
 
     device = "cuda" if torch.cuda.is_available() else None
-    # auto: bf16 on a GPU, fp32 on a CPU. Not bf16 on AMX CPUs although 2.5x faster there:
-    # bf16 generations changed with batch composition (43 of 64 answers equal at batch 32 vs 7
-    # on the demo), fp32 ones did not (64 of 64).
-    weights = str(resolve_dtype(dtype)).removeprefix("torch.")
+    # auto: bf16 on a GPU, float32 on a CPU (models.precision says why)
+    weights = resolve(dtype, device or "cpu", "evaluate").weights
     model, processor = load_mllm(model_dir, dtype=weights, device=device)
     t0, c0 = time.perf_counter(), cpu_seconds()
     rows: list[dict[str, Any]] = []

@@ -10,9 +10,8 @@ from typing import Any
 from align2llava.data.images import load_rgb, resolve_image
 from align2llava.data.records import IMAGE_TOKEN, Problem
 from align2llava.errors import DataError
+from align2llava.models.batching import IGNORE_INDEX, pad_batch
 from align2llava.models.chat import assistant_spans, image_token_count, needs_bos, to_messages
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -150,16 +149,7 @@ def collate(batch: list[dict[str, Any]], pad_token_id: int) -> dict[str, Any]:
     """Right-pad a batch; pixel_values for the examples that have an image, in order."""
     import torch
 
-    width = max(len(b["input_ids"]) for b in batch)
-    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for r, b in enumerate(batch):
-        n = len(b["input_ids"])
-        ids[r, :n] = torch.tensor(b["input_ids"])
-        labels[r, :n] = torch.tensor(b["labels"])
-        mask[r, :n] = 1
-    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = pad_batch([b["input_ids"] for b in batch], pad_token_id, labels=[b["labels"] for b in batch])
     pixels = [b["pixel_values"] for b in batch if "pixel_values" in b]
     if pixels:
         out["pixel_values"] = torch.stack(pixels)

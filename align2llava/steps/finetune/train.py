@@ -21,8 +21,6 @@ params are the same; the final model is saved merged, loadable by `models.loadin
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import logging
 import math
 import shutil
@@ -34,10 +32,11 @@ from typing import Any, Literal
 from pydantic import field_validator
 
 from align2llava.config import Section
+from align2llava.data.io import fingerprint, write_csv
 from align2llava.data.records import validate_records
 from align2llava.errors import Align2LlavaError, DataError
-from align2llava.models.lora import LLM_LINEAR, target_regex
-from align2llava.models.precision import compute_dtype
+from align2llava.models.lora import LLM_LINEAR, lora_regex
+from align2llava.models.precision import resolve
 from align2llava.models.runtime import cpu_seconds, peak_memory_mb, process_state
 from align2llava.progress import Progress
 from align2llava.steps.finetune.data import IGNORE_INDEX, InstructionDataset, collate, prepare_examples
@@ -129,10 +128,11 @@ def prepare_model(model: Any, params: FinetuneParams) -> Any:
         r=params.lora_r,
         lora_alpha=params.lora_alpha,
         lora_dropout=params.lora_dropout,
-        target_modules=target_regex(
+        target_modules=lora_regex(
             params.lora_target_modules,
             params.layers_to_transform,
             model.config.text_config.num_hidden_layers,
+            "finetune.",
         ),
         modules_to_save=([] if params.freeze_mm_mlp_adapter else [PROJECTOR])
         + ([VISION_TOWER] if params.tune_vision_tower else []),
@@ -197,18 +197,6 @@ class FinetuneResult:
     metrics: dict[str, Any]
     steps: list[dict[str, float]]  # [{"step", "loss", "learning_rate"}]
     model: Any = None  # the merged model, as saved
-
-
-def fingerprint(params: FinetuneParams, data: Path, base_model: Path) -> str:
-    """What a checkpoint was made from: resume only when this matches."""
-    h = hashlib.sha256()
-    h.update(params.model_dump_json().encode())
-    h.update(Path(data).read_bytes())
-    h.update(str(Path(base_model).resolve()).encode())
-    cfg = Path(base_model) / "config.json"
-    if cfg.exists():
-        h.update(cfg.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def prepare_checkpoint_dir(folder: Path, stamp: str, resume: bool) -> None:
@@ -284,7 +272,8 @@ def finetune(
     log.info("training %s of %s parameters (%s)", f"{trainable:,}", f"{total:,}", params.mode)
 
     ckpt_dir = Path(params.checkpoint_dir)
-    stamp = fingerprint(params, data, base_model)
+    # what a checkpoint was made from (resume only when it matches): data, params, base model
+    stamp = fingerprint(data, base_model / "config.json", extra=[params.model_dump(), str(base_model.resolve())])[:16]
     state = process_state()
     if state.is_main_process:  # one process tidies the checkpoint folder, the others wait
         prepare_checkpoint_dir(ckpt_dir, stamp, params.resume)
@@ -292,8 +281,8 @@ def finetune(
     resume_from = last_checkpoint(ckpt_dir) if params.resume else None
 
     # fp32 weights; bf16/fp16 autocast (mixed precision) where the hardware computes it natively
-    compute = compute_dtype(dtype)
-    bf16, fp16 = compute == torch.bfloat16, compute == torch.float16
+    prec = resolve(dtype, "cuda" if torch.cuda.is_available() else "cpu", "finetune")
+    bf16, fp16 = prec.autocast == "bfloat16", prec.autocast == "float16"
     args = TrainingArguments(
         output_dir=str(ckpt_dir),
         seed=params.seed,
@@ -449,11 +438,6 @@ def save_model(model: Any, processor: Any, out_dir: Path) -> Path:
 
 
 def write_steps_csv(steps: list[dict[str, float]], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["step", "loss", "learning_rate"])
-        for s in steps:
-            w.writerow([s["step"], f"{s['loss']:.6f}", f"{s['learning_rate']:.3e}"])
-    return path
+    """plots/finetune/steps.csv: step, loss (6 decimals), learning_rate (3 significant digits)."""
+    rows = [[s["step"], f"{s['loss']:.6f}", f"{s['learning_rate']:.3e}"] for s in steps]
+    return write_csv(rows, path, ["step", "loss", "learning_rate"])

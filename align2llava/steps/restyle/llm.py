@@ -9,11 +9,15 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
+from align2llava.data.io import fingerprint
 from align2llava.errors import DataError
+from align2llava.models.batching import pad_batch
 from align2llava.models.chat import render, reply_lead, text_ids
-from align2llava.models.precision import resolve_restyle_dtype
+from align2llava.models.precision import resolve
 
 CACHE_VERSION = 2  # bump when model-call code changes what a key returns
+# the files of a model folder its outputs depend on: config, tokenizer, template, weights
+MODEL_FILES = (".json", ".jinja", ".safetensors", ".model", ".txt")
 
 REWRITE_SYSTEM = (
     "You are a helpful assistant. You rewrite answers in your own words. "
@@ -117,22 +121,6 @@ class LLM(Protocol):
     def nll(self, prompts: list[str], responses: list[str]) -> list[tuple[float, int]]: ...
 
 
-def model_fingerprint(path: str | Path) -> str:
-    """sha256 over the model folder's config, tokenizer, template and weight files."""
-    path = Path(path)
-    h = hashlib.sha256()
-    names = sorted(
-        p for p in path.iterdir()
-        if p.is_file() and (p.suffix in (".json", ".jinja", ".safetensors", ".model", ".txt"))
-    )
-    for p in names:
-        h.update(p.name.encode())
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 class InnerLLM:
     """The language model of an HF LLaVA folder, used text-only through its chat template."""
 
@@ -143,7 +131,7 @@ class InnerLLM:
         from align2llava.models.loading import load_mllm
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.dtype = resolve_restyle_dtype(dtype)
+        self.dtype = resolve(dtype, device, "restyle").weights
         self.model, processor = load_mllm(path, dtype=self.dtype, device=device)
         self.model.eval()
         self.device = device
@@ -158,7 +146,7 @@ class InnerLLM:
         self.batch_size, self.temperature, self.seed = batch_size, temperature, seed
         self.no_repeat_ngram = no_repeat_ngram
         # outputs differ by dtype, so it is part of the cache key
-        self.fingerprint = f"{model_fingerprint(path)}-{self.dtype}"
+        self.fingerprint = f"{fingerprint(path, suffixes=MODEL_FILES)}-{self.dtype}"
         inner = getattr(self.model, "model", self.model)
         body = getattr(inner, "language_model", None)
         self.body = body if body is not None else self.model.get_decoder()
@@ -187,17 +175,8 @@ class InnerLLM:
         return self._batch_ids([self.prompt_ids(t) for t in texts], side)
 
     def _batch_ids(self, ids: list[list[int]], side: str) -> tuple[Any, Any]:
-        import torch
-
-        width = max(len(x) for x in ids)
-        pad = self.tok.pad_token_id
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            sl = slice(width - len(x), width) if side == "left" else slice(0, len(x))
-            input_ids[i, sl] = torch.tensor(x)
-            mask[i, sl] = 1
-        return input_ids.to(self.device), mask.to(self.device)
+        b = pad_batch(ids, self.tok.pad_token_id, side=side, device=self.device)  # type: ignore[arg-type]
+        return b["input_ids"], b["attention_mask"]
 
     def generate(self, prompts: list[str], caps: list[int]) -> list[dict[str, Any]]:
         """Continue each prompt until end of turn or its own token cap: {"text", "finished", "tokens"}.
@@ -303,15 +282,10 @@ class InnerLLM:
 
         p_ids = [self.prompt_ids(p) for p in prompts]
         r_ids = [self.tok(r, add_special_tokens=False).input_ids for r in responses]
-        width = max(len(p) + len(r) for p, r in zip(p_ids, r_ids))
-        input_ids = torch.full((len(p_ids), width), self.tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for i, (p, r) in enumerate(zip(p_ids, r_ids)):
-            input_ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-            mask[i, : len(p) + len(r)] = 1
+        input_ids, mask = self._batch_ids([p + r for p, r in zip(p_ids, r_ids)], "right")
         out = []
         with torch.inference_mode():
-            hidden = self.body(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+            hidden = self.body(input_ids=input_ids, attention_mask=mask).last_hidden_state
             for i, (p, r) in enumerate(zip(p_ids, r_ids)):
                 if not r:
                     out.append((0.0, 0))

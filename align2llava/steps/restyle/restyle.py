@@ -72,8 +72,8 @@ class RestyleParams(Section):
     # 2: review both orders and average the log-odds (cancels the judge's position bias);
     # 1: one order per turn, drawn from base.seed.
     review_orders: Literal[1, 2] = 2
-    # auto: bfloat16 where the GPU or CPU computes it natively (AMX / AVX512-BF16: ~3x faster
-    # prefill than float32 on the demo CPU), else float32. Or float32 / bfloat16 / float16.
+    # auto: bfloat16 on a GPU, float32 on a CPU (reproducible across thread counts;
+    # models.precision). bfloat16 is ~3x faster prefill on the demo's AMX CPU.
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     cache_dir: str = ".cache/restyle"
 

@@ -16,8 +16,8 @@ from pydantic import Field
 
 from align2llava.config import Section
 from align2llava.errors import DataError
-from align2llava.models.lora import LLM_LINEAR, _lora_regex, resolve_layers
-from align2llava.models.precision import _is_cpu, cast_backbone, precision
+from align2llava.models.lora import LLM_LINEAR, lora_regex, resolve_layers
+from align2llava.models.precision import is_cpu, resolve
 from align2llava.models.reward_model import Encoder, RewardModel, pair_text, save_reward_model
 from align2llava.progress import Progress
 from align2llava.steps.reward_training.pairs import augmentation_pairs, image_swap_pairs, mismatch_pairs
@@ -61,8 +61,8 @@ class TrainRewardParams(Section):
     # Validate every N optimizer steps (0: once per epoch) and at the end.
     eval_steps: int = Field(10, ge=0)
     per_device_eval_batch_size: int = Field(32, ge=1)
-    # auto: bf16 on GPUs that support it and on CPUs with native bf16 (AMX / AVX512-BF16), else
-    # fp32 (paper: bf16).
+    # auto: bf16 on GPUs; mixed on CPUs with native bf16 (fp32 weights, bf16 matmuls); else
+    # float32 (models.precision says why training keeps bf16).
     dtype: Literal["auto", "float32", "bfloat16", "float16", "mixed"] = "auto"
     # Compute the frozen bottom layers once (only when just the top layers adapt).
     cache_frozen_layers: bool = True
@@ -76,14 +76,14 @@ def build_reward_model(
 
     from align2llava.models.loading import load_mllm
 
-    dtype, amp = precision(params.dtype, device)
+    prec = resolve(params.dtype, device, "train_reward")
     model, processor = load_mllm(base_model, dtype="float32")
     backbone = model.model  # LlavaModel: vision tower + projector + LLM, no LM head
     del model
-    cast_backbone(backbone, dtype)
+    prec.cast(backbone)
     backbone.requires_grad_(False)
     n_layers = len(backbone.language_model.layers)
-    layers = resolve_layers(params.layers_to_transform, n_layers)
+    layers = resolve_layers(params.layers_to_transform, n_layers, "train_reward.")
     hidden = int(backbone.config.text_config.hidden_size)
     train_proj = params.method == "frozen" or params.train_projector
     if train_proj:  # trained in fp32, fed by an fp32 vision tower
@@ -96,7 +96,7 @@ def build_reward_model(
             r=params.lora_r,
             lora_alpha=params.lora_alpha,
             lora_dropout=params.lora_dropout,
-            target_modules=_lora_regex(n_layers, layers, params.lora_target_modules),
+            target_modules=lora_regex(params.lora_target_modules, layers, n_layers, "train_reward."),
             bias="none",
         )
         backbone = get_peft_model(backbone, config)  # adapters in fp32
@@ -106,13 +106,13 @@ def build_reward_model(
     if (params.cache_frozen_layers and params.method == "lora" and layers is not None
             and not train_proj and layers[0] > 0):
         start = layers[0]
-    if _is_cpu(device):
+    if is_cpu(device):
         # CPU: eager attention backpropagates through bf16 matmuls, several times faster than
         # the CPU SDPA kernel's backward
         (backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone).set_attn_implementation("eager")
     rm = RewardModel(backbone, hidden, start_layer=start)
     rm.to(device)
-    rm.use_autocast(amp)
+    rm.use_autocast(prec.autocast_dtype)
     return rm, processor
 
 
