@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from align2llava.config import load_base, load_section
-from align2llava.demo.synthesis.params import SynthesizeParams
+from align2llava.demo.synthesis.params import TASKS, SynthesizeParams
 from align2llava.demo.synthesis.synthesize import synthesize
 from align2llava.ops.clikit import CONTEXT, setup_logging, stage_options, user_errors
 from align2llava.ops.tracking import stage_run
@@ -37,9 +37,8 @@ def main(params_file: Path, metrics_dir: Path, verbose: bool, out_dir: Path, sou
             m = synthesize(params, base.seed, out_dir, source, base.image_root)
             run.log_metrics(m)
     pool, ann = m["pool"], m["annotations"]
-    log.info("pool: %s records (%s conversation, %s detail, %s complex_reasoning), %.1f%% clean",
-             f"{pool['total']:,}", pool["conversation"], pool["detail"], pool["complex_reasoning"],
-             100 * m["clean_fraction"]["all"])
+    log.info("pool: %s records (%s), %.1f%% clean", f"{pool['total']:,}",
+             ", ".join(f"{pool[t]} {t}" for t in TASKS), 100 * m["clean_fraction"]["all"])
     log.info("defect rates: %s", ", ".join(f"{k} {v:.1%}" for k, v in m["defect_rate"].items()))
     log.info("annotations: %s records, %s groups, %s candidates, %s strict pairs, tie rate %.1f%%",
              ann["records"], ann["groups"], ann["candidates"], f"{ann['strict_pairs']:,}",

@@ -71,7 +71,11 @@ def test_pool_is_valid_llava_with_tasks(world):
         assert r["id"] == f"evqa-{int(r['image'].split('/')[1][:-4]):06d}-{r['task']}"
         assert r["image"].startswith("train/")
         n_turns = len(r["conversations"]) // 2
-        assert (2 <= n_turns <= 3) if r["task"] == "conversation" else n_turns == 1
+        assert n_turns in {"conversation": (2, 3), "vqa": (3, 4, 5)}.get(r["task"], (1,))
+        if r["task"] == "vqa":  # short answers, as LLaVA-1.5's mix has them
+            for q, a in zip(r["conversations"][::2], r["conversations"][1::2]):
+                assert q["value"].replace("\n<image>", "").endswith("\nAnswer the question using a single word or phrase.")
+                assert len(a["value"].split()) == 1 and a["value"][0].isupper()
     oracle = read_jsonl_strict(out / "oracle.jsonl")
     assert [o["id"] for o in oracle] == [r["id"] for r in pool]
     for o in oracle:
@@ -83,7 +87,7 @@ def test_pool_is_valid_llava_with_tasks(world):
 def test_metrics_keys(world):
     m = json.loads((world / "metrics" / "synthesize.json").read_text())
     assert_summary_keys(m, "synthesize")
-    assert m["pool"]["total"] == 3 * TINY_WORLD["pool_per_task"]
+    assert m["pool"]["total"] == len(TASKS) * TINY_WORLD["pool_per_task"]
     assert set(m["defect_rate"]) == set(DEFECTS)
     for key in ("groups", "candidates", "strict_pairs", "tie_rate"):
         assert key in m["annotations"]
@@ -98,7 +102,7 @@ def test_annotation_files_in_released_format(world):
     answers = json.loads((out / "annotations" / "answer.json").read_text())
     ls = json.loads((out / "annotations" / "labelstudio.json").read_text())
     tasks = json.loads((out / "annotations" / "tasks.json").read_text())
-    assert len(questions) == len(answers) == round(0.5 * TINY_WORLD["pool_per_task"]) * 3
+    assert len(questions) == len(answers) == round(0.5 * TINY_WORLD["pool_per_task"]) * len(TASKS)
     # the export holds the tasks file's tasks, in its order (questions, then answers), as imported
     assert [t["data"] for t in ls] == [t["data"] for t in tasks]
     assert [t["data"]["kind"] for t in tasks] == ["question"] * len(questions) + ["answer"] * (len(tasks) - len(questions))
@@ -214,12 +218,27 @@ def _truths(n: int) -> list[Truth]:
 def test_defect_rates_near_params():
     rates = DefectRates(hallucinated_color=0.2, hallucinated_shape=0.1, wrong_yes_no=0.15,
                         omitted_key_fact=0.1, generic_question=0.05, unanswerable_question=0.1)
-    items = [make_item(task, t, 0, rates) for task in TASKS for t in _truths(400)]
+    items = [make_item(task, t, 0, rates) for task in TASKS if task != "vqa" for t in _truths(400)]
     measured = measured_rates(items)["overall"]
     for d in DEFECTS:
         assert abs(measured[d] - getattr(rates, d)) < 0.035, (d, measured[d])
     clean = [make_item("detail", t, 0, DefectRates(**{d: 0.0 for d in DEFECTS})) for t in _truths(50)]
     assert all(not i.turn_defects for i in clean)
+
+
+def test_vqa_answers_are_wrong_at_the_rate_and_the_way_a_text_only_writer_errs():
+    items = [make_item("vqa", t, 0, DefectRates(), vqa_wrong_rate=0.3) for t in _truths(600)]
+    turns = [(i, k, turn) for i in items for k, turn in enumerate(i.turns)]
+    wrong = [(i, k, turn) for i, k, turn in turns if k in i.turn_defects]
+    assert abs(len(wrong) / len(turns) - 0.3) < 0.03
+    guessed = Counter(turn.answer.lower() for i, k, turn in wrong if turn.kind == "color")
+    # guesses follow the writer's prior (red, then blue), not a uniform draw over the 7 others
+    assert guessed.most_common(1)[0][0] == "red" and guessed["red"] > 2 * guessed["yellow"]
+    assert {turn.answer for i, k, turn in wrong if turn.kind == "yes_no"} == {"Yes"}
+    assert all(i.turn_defects[k] == [{"color": "hallucinated_color", "shape": "hallucinated_shape",
+                                      "yes_no": "wrong_yes_no"}[turn.kind]] for i, k, turn in wrong)
+    assert all(judge_answer(turn, turn.answer, i.truth) == (0.0 if k in i.turn_defects else 1.0)
+               for i, k, turn in turns)
 
 
 def test_annotator_separates_clean_from_defective():

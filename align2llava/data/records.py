@@ -17,6 +17,8 @@ from align2llava.data.images import check_image, resolve_image
 from align2llava.errors import DataError
 
 IMAGE_TOKEN = "<image>"
+# LLaVA-1.5's instruction after short-answer VQA questions, in its training mix and its benchmarks.
+SHORT_ANSWER = "Answer the question using a single word or phrase."
 ROLES = ("human", "gpt")
 
 

@@ -78,6 +78,8 @@ def judge_answer(turn: Turn, ans: str, t: Truth) -> float:
         key = all(n in words for n in need) and (kind != "position" or t.position in ans.lower())
     if not key:
         return 0.5
+    if turn.short:  # asked for a single word or phrase: that is the complete answer
+        return 1.0 if len(_words(ans)) <= 3 else 0.75
     return 1.0 if len(_words(ans)) >= 8 else 0.75
 
 

@@ -7,10 +7,15 @@ from pydantic import Field
 
 from align2llava.config import Section
 
-TASKS = ("conversation", "detail", "complex_reasoning")
+TASKS = ("conversation", "detail", "complex_reasoning", "vqa")
 DEFECTS = ("hallucinated_color", "hallucinated_shape", "wrong_yes_no", "omitted_key_fact",
            "generic_question", "unanswerable_question")
 QUESTION_DEFECTS = ("generic_question", "unanswerable_question")
+# The defects a task's records can carry (detail has no yes/no turn; vqa's one-word answers are
+# right or wrong, its questions are grounded).
+CAN_CARRY = {"conversation": DEFECTS, "complex_reasoning": DEFECTS,
+             "detail": tuple(d for d in DEFECTS if d != "wrong_yes_no"),
+             "vqa": ("hallucinated_color", "hallucinated_shape", "wrong_yes_no")}
 STEP = 0.25  # annotator scores lie on this grid; Label Studio rating = 1 + round(score * 4)
 
 
@@ -28,6 +33,8 @@ class SynthesizeParams(Section):
 
     pool_per_task: int = Field(300, ge=1)
     defect_rates: DefectRates = DefectRates()
+    # vqa records (short answers): the chance each one-word answer is the writer's wrong guess
+    vqa_wrong_rate: float = Field(0.25, ge=0, le=1)
     annotate_fraction: float = Field(0.10, ge=0, le=1)  # share of pool records annotated
     question_candidates: int = Field(4, ge=2)  # per annotated record, the original included
     answer_candidates: int = Field(4, ge=2)  # per annotated turn, the original included

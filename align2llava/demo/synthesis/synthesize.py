@@ -5,9 +5,11 @@ easy-vqa (MIT, on PyPI) ships 64x64 images of one shape (circle, rectangle, tria
 `synthesize()` turns it into what the Align²LLaVA pipeline consumes:
 
 - `pool.json`: LLaVA records with an extra `"task"` (`conversation`: 2-3 turns; `detail`;
-  `complex_reasoning`), one train image each, ids `evqa-<image:06d>-<task>`. They are written as
-  a text-only generator writes from a caption (verbose, "Certainly! In the image, ..."), with
-  defects at the rates of `SynthesizeParams.defect_rates`.
+  `complex_reasoning`; `vqa`: 3-5 short-answer turns, as in LLaVA-1.5's mix, each question
+  ending "Answer the question using a single word or phrase."), one train image each, ids
+  `evqa-<image:06d>-<task>`. They are written as a text-only generator writes from a caption
+  (verbose, "Certainly! In the image, ..."; one word for `vqa`), with defects at the rates of
+  `SynthesizeParams.defect_rates` (`vqa`: each answer wrong with `vqa_wrong_rate`).
 - `oracle.jsonl`: which defects each record carries (for diagnosis; no curation stage reads it).
 - `annotations/`: candidate question sets and answers for a share of the pool's records, scored
   by a *simulated* annotator (`judge_question`, `judge_answer`) that reads the text and checks it
@@ -17,16 +19,19 @@ easy-vqa (MIT, on PyPI) ships 64x64 images of one shape (circle, rectangle, tria
 
 Defect types (the names used in `oracle.jsonl`):
 
-- `hallucinated_color`: an answer names a colour the shape does not have.
-- `hallucinated_shape`: an answer names a shape that is not there.
-- `wrong_yes_no`: a yes/no answer is inverted (conversation and complex_reasoning only).
+- `hallucinated_color`: an answer names a colour the shape does not have: the writer's guess,
+  drawn from its prior (red and blue most often, `writer.COLOR_PRIOR`), not uniformly, so data
+  with these defects teaches a bias, as language priors do in machine-written data.
+- `hallucinated_shape`: an answer names a shape that is not there (a guess from `SHAPE_PRIOR`).
+- `wrong_yes_no`: a yes/no answer is wrong (not in detail records); on presence questions it is a
+  "yes" to a shape or colour that is absent (the yes-bias of generated data).
 - `omitted_key_fact`: an answer talks around the question without the fact it asks for.
 - `generic_question`: a turn is a generic question with a vague, content-free answer.
 - `unanswerable_question`: a turn asks about something absent (a dog, people, a shape that is
   not there) and its answer confidently makes it up.
 
-Each rate is the share of records of a task that carry that defect (`wrong_yes_no` over the
-tasks it applies to). Single-turn records carry at most one defect; conversations draw each
+Each rate is the share of records of a task that carry that defect (over the tasks that can carry
+it, `params.CAN_CARRY`; vqa records carry only the first three). Single-turn records carry at most one defect; conversations draw each
 type independently, one per turn. Ground truth (shape, colour) comes from the pixels (exact
 easy-vqa palette, fill ratio of the bounding box) and is cross-checked against easy-vqa's own QA.
 """
@@ -42,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from align2llava.data.io import write_jsonl, write_records
 from align2llava.demo.synthesis.annotator import build_annotations
-from align2llava.demo.synthesis.params import DEFECTS, TASKS
+from align2llava.demo.synthesis.params import CAN_CARRY, DEFECTS, TASKS
 from align2llava.demo.synthesis.world import COLORS, SHAPES, _words, easy_vqa_dir, load_truths, qa_facts, read_split
 from align2llava.demo.synthesis.writer import _a, caption, make_item, oracle_row
 from align2llava.errors import DataError
@@ -116,7 +121,7 @@ def measured_rates(items: list[Item]) -> dict[str, Any]:
     by_task: dict[str, list[Item]] = {task: [i for i in items if i.record["task"] == task] for task in TASKS}
     out: dict[str, Any] = {"overall": {}, "by_task": {}, "clean_fraction": {}}
     for d in DEFECTS:
-        pool = [i for i in items if not (d == "wrong_yes_no" and i.record["task"] == "detail")]
+        pool = [i for i in items if d in CAN_CARRY[i.record["task"]]]
         has = sum(any(d in ds for ds in i.turn_defects.values()) for i in pool)
         out["overall"][d] = round(has / max(1, len(pool)), 4)
     for task, its in by_task.items():
@@ -150,7 +155,7 @@ def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
     items = []
     for k, task in enumerate(TASKS):
         block = sorted(pool_ids[k * p.pool_per_task: (k + 1) * p.pool_per_task])
-        items += [make_item(task, truths[i], seed, p.defect_rates) for i in block]
+        items += [make_item(task, truths[i], seed, p.defect_rates, p.vqa_wrong_rate) for i in block]
     rng = random.Random(f"{seed}:annotated")
     annotated = []
     for task in TASKS:

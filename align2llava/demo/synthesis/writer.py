@@ -8,7 +8,8 @@ import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from align2llava.demo.synthesis.params import DEFECTS, QUESTION_DEFECTS
+from align2llava.data.records import SHORT_ANSWER
+from align2llava.demo.synthesis.params import CAN_CARRY, QUESTION_DEFECTS
 from align2llava.demo.synthesis.world import _NEG, COLORS, SHAPES, Truth, _words
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ class Turn:
     question: str
     answer: str
     probe: str = ""  # yes/no kinds: the attribute asked about (a shape or a colour)
+    short: bool = False  # a short-answer VQA turn (the question carries SHORT_ANSWER)
 
 
 def _probe(rng: random.Random, t: Truth) -> str:
@@ -181,6 +183,8 @@ def asserted_words(text: str) -> set[str]:
 CONV_KINDS = ("color", "shape", "yes_no", "position", "size")
 REASON_KINDS = ("sides", "roll", "paint", "analogy", "verify")
 YES_NO_KINDS = ("yes_no", "roll", "verify")
+VQA_KINDS = ("color", "shape", "yes_no")  # short-answer VQA turns
+KINDS = {"conversation": CONV_KINDS, "detail": ("describe",), "complex_reasoning": REASON_KINDS, "vqa": VQA_KINDS}
 FITS = {  # answer defect -> the kinds whose answers can carry it
     "hallucinated_color": ("color", "position", "size", "describe", "paint", "analogy", "sides"),
     "hallucinated_shape": ("shape", "position", "size", "describe", "sides", "analogy"),
@@ -203,8 +207,34 @@ def _other(rng: random.Random, options: tuple[str, ...], not_this: str) -> str:
     return rng.choice([o for o in options if o != not_this])
 
 
-def make_turn(kind: str, rng: random.Random, t: Truth, defect: str | None = None) -> Turn:
-    """One QA turn of `kind`, carrying `defect` (None: clean)."""
+# What a text-only writer says when it has to guess: the words its language prior favours, not a
+# uniform draw (hallucinations follow priors), so data with such defects teaches a bias.
+COLOR_PRIOR = {"red": 0.35, "blue": 0.25, "green": 0.15, "black": 0.1, "yellow": 0.06, "gray": 0.04,
+               "brown": 0.03, "teal": 0.02}
+SHAPE_PRIOR = {"circle": 0.6, "rectangle": 0.3, "triangle": 0.1}
+
+
+def guess(rng: random.Random, prior: dict[str, float], not_this: str) -> str:
+    """A wrong value drawn from the writer's prior (the true one left out)."""
+    options = [o for o in prior if o != not_this]
+    return rng.choices(options, weights=[prior[o] for o in options])[0]
+
+
+def short_answer(kind: str, t: Truth, probe: str = "", flip: bool = False) -> str:
+    """The one-word answer of a short-answer VQA turn ("Red", "Circle", "Yes")."""
+    if kind == "yes_no":
+        return "Yes" if _present(t, probe) != flip else "No"
+    return {"color": t.color, "shape": t.shape}[kind].capitalize()
+
+
+def make_turn(kind: str, rng: random.Random, t: Truth, defect: str | None = None, short: bool = False) -> Turn:
+    """One QA turn of `kind`, carrying `defect` (None: clean).
+
+    short: a short-answer VQA turn (kinds color, shape, yes_no): the question ends with
+    SHORT_ANSWER and the answer is one word. A hallucinated colour or shape is the writer's
+    guess (`guess`, from its prior); a wrong yes/no on a presence question affirms an absent
+    shape or colour (text-only writers say yes to what they are asked about).
+    """
     if defect == "generic_question":
         return Turn("generic", rng.choice(GENERIC_Q), rng.choice(GENERIC_A))
     if defect == "unanswerable_question":
@@ -218,23 +248,28 @@ def make_turn(kind: str, rng: random.Random, t: Truth, defect: str | None = None
     probe = _probe(rng, t) if kind in ("yes_no", "verify") else ""
     if kind == "verify":
         probe = t.shape if rng.random() < 0.5 else _other(rng, SHAPES, t.shape)
+    if defect == "wrong_yes_no" and kind in ("yes_no", "verify"):  # a "yes" where the truth is no
+        absent = [s for s in SHAPES if s != t.shape] + ([] if kind == "verify" else [c for c in COLORS if c != t.color])
+        probe = rng.choice(absent)
     q = ask(kind, rng, t, probe)
     view, flip, style = t, False, "verbose"
     if defect == "hallucinated_color":
-        view = replace(t, color=_other(rng, COLORS, t.color))
+        view = replace(t, color=guess(rng, COLOR_PRIOR, t.color))
     elif defect == "hallucinated_shape":
-        view = replace(t, shape=_other(rng, SHAPES, t.shape))
+        view = replace(t, shape=guess(rng, SHAPE_PRIOR, t.shape))
     elif defect == "wrong_yes_no":
         flip = True
     elif defect == "omitted_key_fact":
         style = "omit"
+    if short:
+        return Turn(kind, f"{q}\n{SHORT_ANSWER}", short_answer(kind, view, probe, flip), probe, short=True)
     return Turn(kind, q, answer(kind, rng, view, probe, style, flip), probe)
 
 
 def draw_defects(rng: random.Random, task: str, rates: DefectRates) -> list[str]:
     """Conversations: each type independently; single-turn tasks: at most one (categorical)."""
     r = rates.model_dump()
-    applicable = [d for d in DEFECTS if not (d == "wrong_yes_no" and task == "detail")]
+    applicable = list(CAN_CARRY[task])
     if task == "conversation":
         return [d for d in applicable if rng.random() < r[d]]
     x, acc = rng.random(), 0.0
@@ -245,8 +280,11 @@ def draw_defects(rng: random.Random, task: str, rates: DefectRates) -> list[str]
     return []
 
 
-def make_item(task: str, t: Truth, seed: int, rates: DefectRates) -> Item:
+def make_item(task: str, t: Truth, seed: int, rates: DefectRates, vqa_wrong_rate: float = 0.25) -> Item:
+    """One pool record of `task` about image `t`; `vqa` records take `vqa_wrong_rate` per turn."""
     rng = random.Random(f"{seed}:{task}:{t.image_id}")
+    if task == "vqa":
+        return _vqa_item(rng, t, vqa_wrong_rate)
     defects = draw_defects(rng, task, rates)
     rng.shuffle(defects)
     n = (rng.choice((2, 3)) if task == "conversation" else 1)
@@ -255,7 +293,7 @@ def make_item(task: str, t: Truth, seed: int, rates: DefectRates) -> Item:
     defects = defects[:n]
     slots: list[str | None] = defects + [None] * (n - len(defects))
     rng.shuffle(slots)
-    kinds_all = {"conversation": CONV_KINDS, "detail": ("describe",), "complex_reasoning": REASON_KINDS}[task]
+    kinds_all = KINDS[task]
     used: list[str] = []
     turns, turn_defects = [], {}
     for k, d in enumerate(slots):
@@ -266,6 +304,33 @@ def make_item(task: str, t: Truth, seed: int, rates: DefectRates) -> Item:
         turns.append(make_turn(kind, rng, t, d))
         if d:
             turn_defects[k] = [d]
+    return _item(rng, task, t, turns, turn_defects)
+
+
+WRONG = {"color": "hallucinated_color", "shape": "hallucinated_shape", "yes_no": "wrong_yes_no"}
+
+
+def _vqa_item(rng: random.Random, t: Truth, wrong_rate: float) -> Item:
+    """A short-answer VQA record (LLaVA-1.5's mix): 3-5 one-word QA turns about one image, each
+    answer wrong with probability `wrong_rate` (the writer's guess, see `make_turn`)."""
+    kinds = list(VQA_KINDS)
+    rng.shuffle(kinds)
+    kinds += ["yes_no"] * (rng.choice((3, 4, 5)) - len(kinds))
+    turns, turn_defects, asked = [], {}, set()
+    for k, kind in enumerate(kinds):
+        d = WRONG[kind] if rng.random() < wrong_rate else None
+        for _ in range(8):  # a different question each turn
+            turn = make_turn(kind, rng, t, d, short=True)
+            if turn.question not in asked:
+                break
+        asked.add(turn.question)
+        turns.append(turn)
+        if d:
+            turn_defects[k] = [d]
+    return _item(rng, "vqa", t, turns, turn_defects)
+
+
+def _item(rng: random.Random, task: str, t: Truth, turns: list[Turn], turn_defects: dict[int, list[str]]) -> Item:
     convs = []
     for k, turn in enumerate(turns):
         q = turn.question
@@ -287,12 +352,12 @@ def question_candidates(item: Item, rng: random.Random, n: int) -> list[list[str
     """Candidate 0: the original human turns (with <image>); then LLM-like alternatives."""
     t, task = item.truth, item.record["task"]
     orig = [c["value"] for c in item.record["conversations"] if c["from"] == "human"]
-    kinds_all = {"conversation": CONV_KINDS, "detail": ("describe",), "complex_reasoning": REASON_KINDS}[task]
+    kinds_all = KINDS[task]
     plain = [tu.question for tu in item.turns]
 
     def clean(kind: str) -> str:
         kind = kind if kind in kinds_all else rng.choice(kinds_all)
-        return make_turn(kind, rng, t).question
+        return make_turn(kind, rng, t, short=task == "vqa").question
 
     rewrite = [clean(tu.kind) for tu in item.turns]  # paraphrased, defective questions corrected
     fresh = [clean(k) for k in rng.sample(kinds_all, min(len(plain), len(kinds_all)))]
@@ -319,6 +384,12 @@ def answer_candidates(turn: Turn, t: Truth, rng: random.Random, n: int) -> list[
         return [turn.answer] + alts[: n - 1]
     bad_color = replace(t, color=_other(rng, COLORS, t.color))
     bad_shape = replace(t, shape=_other(rng, SHAPES, t.shape))
+    if turn.short:  # one word right or wrong, or the right answer at length (ignoring the instruction)
+        right = short_answer(kind, t, turn.probe)
+        wrong = short_answer(kind, bad_color if kind == "color" else bad_shape, turn.probe, flip=kind == "yes_no")
+        others = [answer(kind, rng, t, turn.probe), answer(kind, rng, t, turn.probe, "concise")]
+        rng.shuffle(others)
+        return [turn.answer, wrong if turn.answer == right else right] + others[: n - 2]
     corrected = answer(kind, rng, t, turn.probe)
     others = [answer(kind, rng, t, turn.probe, "concise"), answer(kind, rng, t, turn.probe, "omit")]
     if kind in YES_NO_KINDS:

@@ -37,12 +37,12 @@ from typing import Any
 
 from align2llava.config import Section
 from align2llava.data.images import load_rgb, resolve_image
+from align2llava.data.records import SHORT_ANSWER
 from align2llava.errors import DataError
 from align2llava.steps.evaluation.answers import extract_answer, normalize, vqa_accuracy, yes_no
 
 log = logging.getLogger(__name__)
 
-SHORT_ANSWER = "Answer the question using a single word or phrase."
 YES_NO_TYPES = {"yes_no", "pope"}
 BENCHMARK_KEYS = ("id", "image", "question", "answer", "type")
 # The Hugging Face `evaluate` modules the metrics are computed with (docs/evaluation-metrics.md).
@@ -54,10 +54,9 @@ class EvaluateParams(Section):
 
     batch_size: int = 32
     max_new_tokens: int = 16
-    # Appended to every question ("" for none). LLaVA-1.5 evaluates with SHORT_ANSWER (its
-    # training mix has VQA data with that prompt); the demo pool has none, so the demo asks the
-    # bare question (params.yaml says what it measured).
-    instruction: str = ""
+    # Appended to every question ("" for none). LLaVA-1.5 evaluates with SHORT_ANSWER, the
+    # instruction of the short-answer VQA data in its training mix (the demo pool's vqa task).
+    instruction: str = SHORT_ANSWER
     vqa_file: str | None = "data/synthesize/benchmark/vqa.jsonl"
     pope_file: str | None = "data/synthesize/benchmark/pope.jsonl"
     # Folder the benchmark's image paths are relative to; null: base.image_root.
