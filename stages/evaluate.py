@@ -24,10 +24,14 @@ log = logging.getLogger(__name__)
 @click.option("--eval-file", type=click.Path(path_type=Path), help="A LLaVA-format file with gold answers (overrides evaluate.eval_file).")
 @click.option("--out-dir", metavar="DIR", type=click.Path(path_type=Path), default=Path("data/evaluate"), show_default=True, help="Where predictions.jsonl and rejects.jsonl go.")
 def main(params_file: Path, metrics_dir: Path, verbose: bool, model_dir: Path, eval_file: Path | None, out_dir: Path) -> None:
-    """Answer every benchmark question with batched greedy generation and score the answers.
+    """Answer every benchmark question with batched greedy generation and score the answers;
+    with evaluate.likelihood, also rank each benchmark and POPE question's candidate answers by
+    the model's log-likelihood of replying them (evaluate.reply_format; not for a user file).
 
-    Metrics: benchmark_accuracy (+ per type), pope_accuracy/f1/yes_ratio, and eval_exact_match,
-    eval_vqa_accuracy for a user file -> metrics/evaluate.json; answers -> predictions.jsonl.
+    Metrics: benchmark_accuracy (+ per type), pope_accuracy/f1/yes_ratio,
+    benchmark_likelihood_accuracy (+ per type), pope_likelihood_accuracy/f1/yes_ratio, and
+    eval_exact_match, eval_vqa_accuracy for a user file -> metrics/evaluate.json; answers,
+    likelihood_choice and likelihood_scores -> predictions.jsonl.
     """
     setup_logging(verbose)
     with user_errors():

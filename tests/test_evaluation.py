@@ -1,6 +1,8 @@
 """evaluate: answer normalisation and extraction, POPE and VQA metrics on hand-made rows,
 strict benchmark reading, the user eval file's reject budget, batched generation equal to
-one-at-a-time, and the stage through CliRunner on a tiny random LLaVA."""
+one-at-a-time, likelihood scoring (the scored span is finetune's, the cached batched scores equal
+naive full-sequence scoring under both template kinds), and the stage through CliRunner on a
+tiny random LLaVA."""
 
 from __future__ import annotations
 
@@ -11,13 +13,16 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from align2llava.errors import DataError, RejectBudgetExceeded
+from align2llava.errors import Align2LlavaError, ConfigError, DataError, RejectBudgetExceeded
 from align2llava.steps.evaluation.evaluation import (
     SHORT_ANSWER,
+    YES_NO_TYPES,
+    EvaluateParams,
     Item,
     benchmark_metrics,
     extract_answer,
     generate_answers,
+    likelihood_metrics,
     normalize,
     pope_metrics,
     read_benchmark,
@@ -26,6 +31,7 @@ from align2llava.steps.evaluation.evaluation import (
     vqa_accuracy,
     yes_no,
 )
+from align2llava.steps.evaluation.likelihood import candidate_sets, continuation_ids, rank_candidates, reply_text
 from tests.conftest import ROOT, assert_summary_keys, llava_record
 
 
@@ -143,6 +149,139 @@ def test_batched_generation_equals_one_at_a_time(mllm, image_root):
     assert batched == single and len(batched) == 3 and any(batched)
 
 
+# ---------------------------------------------------------------------------- likelihood
+
+
+def test_reply_text_and_candidate_sets(tmp_path):
+    from align2llava.config import load_section
+
+    assert reply_text("red") == "Red" and reply_text("light blue", "It is {answer}.") == "It is light blue."
+    with pytest.raises(ValueError, match="only {answer} and {Answer}"):
+        reply_text("red", "{colour}")
+    with pytest.raises(ValueError, match="does not contain"):
+        reply_text("red", "Yes")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"evaluate": {"reply_format": "{Answer"}}))
+    with pytest.raises(ConfigError, match="reply_format"):
+        load_section("evaluate", EvaluateParams, tmp_path / "params.yaml")
+    items = _items() + [Item("v5", "vqa", "shape", "What shape?", ["Circle"], "a.png")]
+    cands = candidate_sets(items, YES_NO_TYPES)
+    # the gold answers of each type, one per normalised form; yes/no for yes/no and POPE
+    assert cands == {"shape": ["circle", "triangle"], "color": ["red"], "yes_no": ["no", "yes"],
+                     "pope": ["no", "yes"]}
+    with pytest.raises(Align2LlavaError, match="no candidate set"):
+        candidate_sets([Item("e", "eval", "eval", "Q?", ["a"], None)])
+
+
+def test_likelihood_metrics_on_known_rows():
+    rows = score_items(_items(), ["x"] * 8)
+    choices = ["circle", "circle", "red", "yes", "yes", "no", "yes", "no"]
+    for r, c in zip(rows, choices):
+        r["likelihood_choice"] = c
+    m = likelihood_metrics(rows)
+    assert m["benchmark_likelihood_accuracy"] == 0.75
+    assert m["benchmark_likelihood_accuracy_shape"] == 0.5 and m["benchmark_likelihood_accuracy_yes_no"] == 1.0
+    # tp=1 (p1), fn=1 (p2), fp=1 (p3), tn=1 (p4)
+    assert (m["pope_likelihood_accuracy"], m["pope_likelihood_precision"], m["pope_likelihood_recall"],
+            m["pope_likelihood_f1"], m["pope_likelihood_yes_ratio"]) == (0.5, 0.5, 0.5, 0.5, 0.5)
+    assert likelihood_metrics(score_items(_items(), ["x"] * 8)) == {}  # no likelihood: no keys
+
+
+@pytest.fixture(scope="module")
+def llava_hf(tmp_path_factory):
+    from align2llava.models.build import build_llava_hf_like
+    from align2llava.models.loading import load_mllm
+
+    return load_mllm(build_llava_hf_like(tmp_path_factory.mktemp("llava_hf") / "model"), dtype="float32")
+
+
+@pytest.fixture(params=["chatml", "llava-hf"])
+def any_mllm(request):
+    """The two template kinds: the demo's ChatML and llava-hf's structured "USER: ... ASSISTANT:"."""
+    return request.getfixturevalue("mllm" if request.param == "chatml" else "llava_hf")
+
+
+def test_scored_tokens_are_the_span_finetune_trains_on(any_mllm):
+    from align2llava.models.chat import image_token_count
+    from align2llava.steps.finetune.data import IGNORE_INDEX, encode_record
+
+    _, proc = any_mllm
+    tok = proc.tokenizer
+    question = "What color is the shape?"
+    for reply in ("Red", "Light blue", "It is a circle."):
+        cont = continuation_ids(proc, question, reply)
+        _, labels, problem = encode_record(llava_record("r", "a.png", turns=[(question, reply)]), proc,
+                                           image_token_count(proc), 4096)
+        assert problem is None and cont == [t for t in labels if t != IGNORE_INDEX]
+        # the reply, then the end of the turn (ChatML's <|im_end|>; llava-hf's template writes
+        # none, so the tokenizer's EOS, as finetune trains)
+        assert tok.decode(cont[:-1]).strip() == reply and cont[-1] == tok.convert_tokens_to_ids(
+            "<|im_end|>" if "<|im_end|>" in tok.get_vocab() else tok.eos_token)
+
+
+def _naive_scores(model, proc, item, cands, image_root):
+    """Each prompt + candidate as one sequence: no cache, no padding, batch 1."""
+    import torch
+
+    from align2llava.data.images import load_rgb
+    from align2llava.models.chat import needs_bos, prompt_messages, render
+
+    text = render(proc, prompt_messages(item.question, "", True), True)
+    inputs = proc(text=[text], images=[load_rgb(image_root / item.image)], return_tensors="pt",
+                  add_special_tokens=needs_bos(proc.tokenizer, text))
+    n = inputs["input_ids"].shape[1]
+    out = {}
+    for c in cands:
+        cont = continuation_ids(proc, item.question, reply_text(c))
+        ids = torch.cat([inputs["input_ids"], torch.tensor([cont])], 1)
+        with torch.inference_mode():
+            logp = model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[0].float().log_softmax(-1)
+        out[c] = sum(float(logp[n - 1 + j, t]) for j, t in enumerate(cont))
+    return out
+
+
+def test_cached_likelihood_equals_naive_scoring(any_mllm, image_root):
+    from align2llava.models.chat import prompt_messages, render, text_ids
+
+    model, proc = any_mllm
+    items = [
+        Item("1", "vqa", "color", "What color is the shape?", ["red"], "a.png"),
+        Item("2", "vqa", "shape", "Shape?", ["circle"], "b.png"),
+        Item("3", "vqa", "color", "Is this a much longer question about the colour of the shape here?", ["blue"], "b.png"),
+        Item("4", "vqa", "shape", "What shape is in the image, and how large is it?", ["square"], "a.png"),
+        Item("5", "vqa", "color", "Color?", ["light blue"], "a.png"),
+    ]
+    cands = {"color": ["red", "blue", "light blue"], "shape": ["circle", "light blue square"]}
+    lengths = {len(text_ids(proc.tokenizer, render(proc, prompt_messages(it.question), True))) for it in items}
+    assert len(lengths) == len(items)  # every batch is left-padded
+    # 2 questions per batch (6 // 3 candidates; 6 // 2 = 3 for shape), candidates of different lengths
+    ranked = rank_candidates(model, proc, items, cands, image_root=image_root, batch_size=6)
+    assert len(ranked) == len(items)
+    for it, got in zip(items, ranked):
+        naive = _naive_scores(model, proc, it, cands[it.type], image_root)
+        assert list(got["likelihood_scores"]) == cands[it.type]
+        for c in cands[it.type]:
+            assert got["likelihood_scores"][c] == pytest.approx(naive[c], abs=1e-4), (it.id, c)
+        assert got["likelihood_choice"] == max(naive, key=naive.get)
+        assert len(set(got["likelihood_scores"].values())) == len(cands[it.type])
+    one = rank_candidates(model, proc, items[:1], cands, image_root=image_root, batch_size=1)
+    assert one[0]["likelihood_scores"] == pytest.approx(ranked[0]["likelihood_scores"], abs=1e-4)
+
+
+def test_likelihood_needs_a_prefix_stable_template(mllm):
+    _, proc = mllm
+    own = proc.chat_template
+    # the generation prompt says "bot", a rendered reply "assistant": the reply cannot be located
+    proc.chat_template = own.replace("{{ '<|im_start|>assistant\n' }}", "{{ '<|im_start|>bot\n' }}")
+    assert proc.chat_template != own
+    try:
+        with pytest.raises(Align2LlavaError, match="not prefix-stable"):
+            continuation_ids(proc, "What color?", "Red")
+    finally:
+        proc.chat_template = own
+    with pytest.raises(Align2LlavaError, match="no candidates for question type"):
+        rank_candidates(None, proc, _items()[:1], {"color": ["red"]}, image_root=None)
+
+
 def _bench(tmp_path) -> tuple[Path, Path]:
     vqa = [
         {"id": f"v{i}", "image": img, "question": q, "answer": a, "type": t}
@@ -186,6 +325,25 @@ def test_stage_cli(tiny_llava, image_root, tmp_path, monkeypatch):
     assert [p["id"] for p in preds] == ["v0", "v1", "v2", "v3", "p0", "p1", "u1"]
     assert all(isinstance(p["prediction"], str) for p in preds)
     assert (tmp_path / "data" / "evaluate" / "rejects.jsonl").read_text() == ""
+    # likelihood scores for the benchmark and POPE, none for the user file (no candidate set)
+    for key in ("benchmark_likelihood_accuracy", "benchmark_likelihood_accuracy_shape",
+                "benchmark_likelihood_accuracy_color", "benchmark_likelihood_accuracy_yes_no",
+                "pope_likelihood_accuracy", "pope_likelihood_precision", "pope_likelihood_recall",
+                "pope_likelihood_f1", "pope_likelihood_yes_ratio", "likelihood_seconds"):
+        assert key in metrics, key
+    expected = {"shape": {"rectangle"}, "color": {"red", "blue"}, "yes_no": {"yes", "no"}, "pope": {"yes", "no"}}
+    for p in preds[:-1]:
+        scores = p["likelihood_scores"]
+        assert set(scores) == expected[p["type"]] and p["likelihood_choice"] == max(scores, key=scores.get)
+    assert "likelihood_choice" not in preds[-1] and "likelihood_scores" not in preds[-1]
+    right = [p["likelihood_choice"] == p["answer"] for p in preds if p["source"] == "vqa"]
+    assert metrics["benchmark_likelihood_accuracy"] == sum(right) / len(right)
+    data["evaluate"]["likelihood"] = False
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    res = CliRunner().invoke(main, ["--params", "params.yaml", "--model", str(tiny_llava)])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "metrics" / "evaluate.json").read_text())
+    assert "benchmark_accuracy" in metrics and not any("likelihood" in k for k in metrics)
 
 
 def test_stage_cli_bad_benchmark_is_one_line_error(tiny_llava, image_root, tmp_path, monkeypatch):

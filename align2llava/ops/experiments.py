@@ -69,6 +69,13 @@ METRIC_COLUMNS = [
     ("pope_accuracy", "evaluate", "pope_accuracy"),
     ("pope_f1", "evaluate", "pope_f1"),
     ("pope_yes_ratio", "evaluate", "pope_yes_ratio"),
+    ("benchmark_likelihood_accuracy", "evaluate", "benchmark_likelihood_accuracy"),
+    ("benchmark_likelihood_accuracy_shape", "evaluate", "benchmark_likelihood_accuracy_shape"),
+    ("benchmark_likelihood_accuracy_color", "evaluate", "benchmark_likelihood_accuracy_color"),
+    ("benchmark_likelihood_accuracy_yes_no", "evaluate", "benchmark_likelihood_accuracy_yes_no"),
+    ("pope_likelihood_accuracy", "evaluate", "pope_likelihood_accuracy"),
+    ("pope_likelihood_f1", "evaluate", "pope_likelihood_f1"),
+    ("pope_likelihood_yes_ratio", "evaluate", "pope_likelihood_yes_ratio"),
     ("train_records", "finetune", "train_records"),
     ("train_loss", "finetune", "train_loss"),
     ("train_seconds", "finetune", "train_seconds"),
@@ -77,7 +84,8 @@ METRIC_COLUMNS = [
     ("restyle_seconds", "restyle", "seconds"),
 ]
 COLUMNS = ["method", "keep_ratio", "seed"] + [c for c, _, _ in METRIC_COLUMNS] + ["experiment", "rev"]
-SUMMARY_METRICS = ["benchmark_accuracy", "pope_f1", "pope_accuracy", "train_records", "train_seconds"]
+SUMMARY_METRICS = ["benchmark_accuracy", "pope_f1", "pope_accuracy", "benchmark_likelihood_accuracy", "pope_likelihood_f1",
+                   "train_records", "train_seconds"]
 
 
 @dataclass(frozen=True)

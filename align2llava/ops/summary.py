@@ -40,7 +40,9 @@ HEADLINES: dict[str, list[tuple[str, str]]] = {
                  ("last", "final_loss")],
     "evaluate": [("benchmark accuracy", "benchmark_accuracy"), ("shape", "benchmark_accuracy_shape"),
                  ("colour", "benchmark_accuracy_color"), ("yes/no", "benchmark_accuracy_yes_no"),
-                 ("POPE F1", "pope_f1"), ("POPE yes ratio", "pope_yes_ratio")],
+                 ("POPE F1", "pope_f1"), ("POPE yes ratio", "pope_yes_ratio"),
+                 ("likelihood accuracy", "benchmark_likelihood_accuracy"),
+                 ("POPE likelihood F1", "pope_likelihood_f1")],
     "report": [("open", "index"), ("gallery cards", "gallery_cards"), ("images missing", "images_missing")],
 }
 

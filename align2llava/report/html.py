@@ -14,6 +14,9 @@ from align2llava.report.data import KINDS, OUTCOME_LABEL, OUTCOMES, TaskCounts
 
 _EVAL_KEYS = ("benchmark_accuracy", "benchmark_accuracy_shape", "benchmark_accuracy_color",
               "benchmark_accuracy_yes_no", "pope_accuracy", "pope_f1", "pope_yes_ratio",
+              "benchmark_likelihood_accuracy", "benchmark_likelihood_accuracy_shape",
+              "benchmark_likelihood_accuracy_color", "benchmark_likelihood_accuracy_yes_no",
+              "pope_likelihood_accuracy", "pope_likelihood_f1", "pope_likelihood_yes_ratio",
               "eval_exact_match", "eval_vqa_accuracy", "benchmark_count", "pope_count")
 
 

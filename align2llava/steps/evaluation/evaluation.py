@@ -22,6 +22,18 @@ the VQA normalisation (lower case, punctuation, articles, number words -> digits
   min(1, #normalised matches / min(3, #gold)) (the VQA metric; exact normalised match when
   there is one gold answer).
 
+Next to generation, likelihood scoring (likelihood.py; `likelihood: true`) ranks each benchmark
+and POPE question's candidate answers by the model's summed log-probability of saying them, as
+multiple-choice MLLM benchmarks (MMBench, SEED-Bench) score: the candidates of a benchmark
+question are the gold answers of its type in the file (yes/no for yes/no questions and POPE).
+Each candidate is scored as the assistant's whole short reply (`reply_format`, default
+"{Answer}": "Circle", "Yes"; the form the model was tuned to give short answers in), after the
+same user message, through the checkpoint's own chat template, its end-of-turn token included
+(the span finetune trains on); summed, not length-normalised, and not calibrated against a
+no-image prior. The ranked choice is scored by the
+same modules: `benchmark_likelihood_accuracy` (+ per type), `pope_likelihood_accuracy`/precision/
+recall/f1/yes_ratio. A user eval file has no candidate set and gets no likelihood scores.
+
 The answer rules live in answers.py; the accuracies and the POPE figures are computed by the
 Hugging Face `evaluate` modules in metrics/ (vqa_accuracy, pope), loaded by path
 (`load_metric`), which users can load from their own code (docs/evaluation-metrics.md).
@@ -35,11 +47,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import field_validator
+
 from align2llava.config import Section
 from align2llava.data.images import load_rgb, resolve_image
 from align2llava.data.records import SHORT_ANSWER
 from align2llava.errors import DataError
 from align2llava.steps.evaluation.answers import extract_answer, normalize, vqa_accuracy, yes_no
+from align2llava.steps.evaluation.likelihood import REPLY_FORMAT, candidate_sets, rank_candidates, reply_text
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +82,16 @@ class EvaluateParams(Section):
     reject_budget: float = 0.01
     # Evaluate at most this many rows of each file (null: all); for quick looks only.
     limit: int | None = None
+    # Also rank each benchmark/POPE question's candidate answers by log-likelihood (likelihood.py).
+    likelihood: bool = True
+    # The reply a candidate is scored as: {answer} as written, {Answer} capitalised.
+    reply_format: str = REPLY_FORMAT
+
+    @field_validator("reply_format")
+    @classmethod
+    def _reply_format(cls, v: str) -> str:
+        reply_text("red", v)  # a ValueError names what is wrong
+        return v
 
 
 @dataclass
@@ -285,14 +310,34 @@ def benchmark_metrics(rows: list[dict[str, Any]], prefix: str = "benchmark") -> 
     return out
 
 
-def pope_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """POPE (the pope module): accuracy, precision/recall/F1 of "yes", the share of "yes" answers."""
+def pope_metrics(rows: list[dict[str, Any]], prefix: str = "pope", key: str = "prediction") -> dict[str, Any]:
+    """POPE (the pope module) of the answers in `key`: accuracy, precision/recall/F1 of "yes",
+    the share of "yes" answers."""
     if not rows:
         return {}
-    m = load_metric("pope").compute(predictions=[r["prediction"] for r in rows],
+    m = load_metric("pope").compute(predictions=[r[key] for r in rows],
                                     references=[r["answer"] for r in rows])
-    out = {f"pope_{k}": round(m[k], 4) for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
-    return {**out, "pope_count": len(rows)}
+    out = {f"{prefix}_{k}": round(m[k], 4) for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")}
+    return {**out, f"{prefix}_count": len(rows)} if key == "prediction" else out
+
+
+def likelihood_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ranked choices (`likelihood_choice`) by the same modules: benchmark_likelihood_accuracy
+    overall and per type, pope_likelihood_accuracy/precision/recall/f1/yes_ratio."""
+    vqa = [r for r in rows if r["source"] == "vqa" and "likelihood_choice" in r]
+    out: dict[str, Any] = {}
+    if vqa:
+        acc = load_metric("vqa_accuracy")
+
+        def accuracy(subset: list[dict[str, Any]]) -> float:
+            score = acc.compute(predictions=[r["likelihood_choice"] for r in subset], references=_references(subset))
+            return round(score["vqa_accuracy"], 4)
+
+        out["benchmark_likelihood_accuracy"] = accuracy(vqa)
+        for t in sorted({r["type"] for r in vqa}):
+            out[f"benchmark_likelihood_accuracy_{t}"] = accuracy([r for r in vqa if r["type"] == t])
+    pope = [r for r in rows if r["source"] == "pope" and "likelihood_choice" in r]
+    return {**out, **pope_metrics(pope, "pope_likelihood", "likelihood_choice")}
 
 
 def eval_file_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -359,9 +404,22 @@ def evaluate(
         )
         rows += score_items(items, preds)
     seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    t1 = time.perf_counter()
+    for items, item_root in sets if params.likelihood else []:
+        if items[0].source == "eval":  # free-form gold answers: no candidate set
+            continue
+        ranked = rank_candidates(
+            model, processor, items, candidate_sets(items, YES_NO_TYPES), image_root=item_root,
+            batch_size=params.batch_size, instruction=params.instruction, reply_format=params.reply_format,
+        )
+        by_id = {r["id"]: r for r in rows if r["source"] == items[0].source}
+        for it, rank in zip(items, ranked):
+            by_id[it.id]["likelihood_choice"] = rank["likelihood_choice"]
+            by_id[it.id]["likelihood_scores"] = {c: round(s, 4) for c, s in rank["likelihood_scores"].items()}
     metrics: dict[str, Any] = {}
     metrics.update(benchmark_metrics([r for r in rows if r["source"] == "vqa"]))
     metrics.update(pope_metrics([r for r in rows if r["source"] == "pope"]))
+    metrics.update(likelihood_metrics(rows))
     metrics.update(eval_file_metrics([r for r in rows if r["source"] == "eval"]))
     if rejects is not None:
         metrics["eval_rejected"] = rejects.count
@@ -369,6 +427,8 @@ def evaluate(
     metrics["eval_seconds"] = round(seconds, 2)
     metrics["eval_cpu_seconds"] = round(cpu, 2)
     metrics["answers_per_second"] = round(len(rows) / max(seconds, 1e-9), 2)
+    if params.likelihood:
+        metrics["likelihood_seconds"] = round(time.perf_counter() - t1, 2)
     metrics.update(peak_memory_mb())
     log.info(
         "answered %s questions in %.0f s (%.1f q/s)", f"{len(rows):,}", seconds, metrics["answers_per_second"]

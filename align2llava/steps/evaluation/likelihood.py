@@ -1,0 +1,205 @@
+"""Likelihood (multiple-choice) scoring: rank each question's candidate answers by the model's
+log-probability of saying them, as MMBench and SEED-Bench score MLLMs, next to generation.
+
+    cands = candidate_sets(items)                 # {question type: [candidate answers]}
+    ranked = rank_candidates(model, processor, items, cands, image_root="images", batch_size=32)
+    ranked[0]  # {"likelihood_scores": {"circle": -3.2, "square": -5.1, ...}, "likelihood_choice": "circle"}
+
+- Candidates: per question type of the benchmark file, the gold answers of that type in the file
+  (the set `score_items` extracts from: the shapes, the colours); yes/no for yes/no questions
+  and POPE. A user eval file has no candidate set (free-form gold answers), so it is not scored
+  this way.
+- Each candidate is scored as the assistant's whole reply, written as `reply_format` says
+  (default "{Answer}", the bare answer capitalised: "Circle", "Yes"; set it to the form the model
+  was tuned to give short answers in), after the same user message generation sends, through
+  the checkpoint's own chat template. The scored tokens are
+  exactly the span finetune trains on: the reply's tokens and the end of the turn (ChatML's
+  `<|im_end|>`; the tokenizer's EOS where the template writes none, as llava-hf's), so a
+  candidate that is only the start of a longer answer does not score as if complete.
+- The score is the summed log-probability (no length normalisation) and is not calibrated
+  against a no-image or no-question prior: it measures what the model would say, biases included.
+
+Each batch's prompts (image included) run once; their KV cache is repeated once per candidate
+and all candidates' continuations are scored in one more forward pass. Log-probabilities are
+taken in float32 from the final hidden states, also when the model runs in bfloat16.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+from typing import Any
+
+from align2llava.data.images import load_rgb, resolve_image
+from align2llava.errors import Align2LlavaError
+from align2llava.models.chat import needs_bos, prompt_messages, render, text_ids
+from align2llava.steps.evaluation.answers import normalize
+
+log = logging.getLogger(__name__)
+
+REPLY_FORMAT = "{Answer}"
+YES_NO = ("no", "yes")
+
+
+def reply_text(answer: str, reply_format: str = REPLY_FORMAT) -> str:
+    """The assistant reply a candidate is scored as: `reply_format` with {answer} (as written)
+    or {Answer} (first letter upper case). ValueError when the format does not hold the answer."""
+    try:
+        text = reply_format.format(answer=answer, Answer=answer[:1].upper() + answer[1:])
+        other = reply_format.format(answer="x" + answer, Answer="X" + answer)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"reply_format {reply_format!r}: only {{answer}} and {{Answer}} may be used ({exc})") from None
+    if text == other:
+        raise ValueError(f"reply_format {reply_format!r} does not contain {{answer}} or {{Answer}}")
+    return text
+
+
+def candidate_sets(items: list[Any], yes_no_types: set[str] | frozenset[str] = frozenset({"yes_no", "pope"})
+                   ) -> dict[str, list[str]]:
+    """Per question type, the candidate answers: yes/no for `yes_no_types` and POPE items, else
+    the gold answers of that type among `items`, one per normalised form, sorted."""
+    golds: dict[str, dict[str, str]] = {}
+    for it in items:
+        if it.source == "eval":
+            raise Align2LlavaError(f"{it.id}: a user eval question has no candidate set to rank")
+        forms = golds.setdefault(it.type, {})
+        for a in it.answers:
+            forms.setdefault(normalize(a), a)
+    yes_no = {it.type for it in items if it.type in yes_no_types or it.source == "pope"}
+    return {t: list(YES_NO) if t in yes_no else sorted(forms.values()) for t, forms in golds.items()}
+
+
+def continuation_ids(processor: Any, question: str, reply: str, *, instruction: str = "",
+                     image: bool = True) -> list[int]:
+    """Token ids of `reply` as the assistant's whole turn after the evaluation prompt: what the
+    template renders after the generation prompt, trailing whitespace excluded, plus the
+    tokenizer's EOS when that holds no special token (finetune's labels, steps/finetune/data.py)."""
+    tok = processor.tokenizer
+    user = prompt_messages(question, instruction, image)
+    prompt = render(processor, user, generation_prompt=True)
+    full = render(processor, [*user, {"role": "assistant", "content": reply}]).rstrip()
+    head, ids = text_ids(tok, prompt), text_ids(tok, full)
+    if not full.startswith(prompt) or ids[: len(head)] != head or len(ids) == len(head):
+        raise Align2LlavaError(
+            f"likelihood scoring: the prompt's tokens are not a prefix of the prompt followed by the reply "
+            f"{reply!r} (the chat template or the tokenizer is not prefix-stable), so the reply's tokens "
+            "cannot be scored; set evaluate.likelihood: false"
+        )
+    cont = ids[len(head):]
+    if tok.eos_token_id is not None and not set(cont) & set(tok.all_special_ids):
+        cont.append(tok.eos_token_id)
+    return cont
+
+
+def rank_candidates(
+    model: Any,
+    processor: Any,
+    items: list[Any],
+    candidates_by_type: dict[str, list[str]],
+    *,
+    image_root: str | Path | None,
+    batch_size: int = 32,
+    instruction: str = "",
+    reply_format: str = REPLY_FORMAT,
+) -> list[dict[str, Any]]:
+    """Per item (in order): {"likelihood_scores": {candidate: summed log-prob}, "likelihood_choice":
+    the highest (the first listed on a tie)}. Items are batched by type, so the candidates per
+    item (K) are fixed in a batch; `batch_size` bounds the rows of the candidate pass, so a batch
+    holds batch_size // K questions (at least one) and its cache about what generation's holds."""
+    from align2llava.progress import Progress
+
+    missing = sorted({it.type for it in items} - set(candidates_by_type))
+    if missing:
+        raise Align2LlavaError(f"likelihood scoring: no candidates for question type(s) {', '.join(missing)}")
+    empty = sorted(t for t, c in candidates_by_type.items() if not c)
+    if empty:
+        raise Align2LlavaError(f"likelihood scoring: question type(s) {', '.join(empty)} have no candidates")
+    replies = {t: [reply_text(a, reply_format) for a in cands] for t, cands in candidates_by_type.items()}
+    processor.tokenizer.padding_side = "left"
+    model.eval()
+    scorer = _Scorer(model, processor)
+    by_type: dict[str, list[int]] = {}
+    for i, it in enumerate(items):
+        by_type.setdefault(it.type, []).append(i)
+    out: list[dict[str, Any]] = [{} for _ in items]
+    progress = Progress(len(items), "likelihood", "q", log)
+    for t, index in by_type.items():
+        cands = candidates_by_type[t]
+        per = max(1, batch_size // len(cands))
+        for start in range(0, len(index), per):
+            rows = index[start : start + per]
+            batch = [items[i] for i in rows]
+            conts = [
+                continuation_ids(processor, it.question, r, instruction=instruction, image=it.image is not None)
+                for it in batch for r in replies[t]
+            ]
+            scores = scorer.score(batch, conts, image_root=image_root, instruction=instruction)
+            for i, row in zip(rows, scores):
+                best = max(range(len(cands)), key=lambda k: (row[k], -k))
+                out[i] = {"likelihood_scores": dict(zip(cands, row)), "likelihood_choice": cands[best]}
+            progress.update(len(batch), candidates=len(conts), **{"scored tok": sum(map(len, conts))})
+    progress.close()
+    return out
+
+
+class _Scorer:
+    """The two forward passes of one batch: prompts once (cache kept), then every candidate."""
+
+    def __init__(self, model: Any, processor: Any):
+        self.model, self.processor, self.tok = model, processor, processor.tokenizer
+        self.body = model.model  # LlavaModel: the vision tower, projector and LM, no head
+        self.device = next(model.parameters()).device
+        head = model.get_output_embeddings()
+        # float32 log-probs: bf16 logits move in steps of 0.125 around 20, coarser than margins
+        self.weight = head.weight.detach().float()
+        self.bias = head.bias.detach().float() if getattr(head, "bias", None) is not None else None
+        params = inspect.signature(self.body.forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"  # renamed in transformers 5.x
+
+    def log_probs(self, hidden: Any) -> Any:
+        import torch
+
+        return torch.nn.functional.linear(hidden.float(), self.weight, self.bias).log_softmax(-1)
+
+    def score(self, batch: list[Any], conts: list[list[int]], *, image_root: str | Path | None,
+              instruction: str) -> list[list[float]]:
+        """Summed log-probs, [len(batch)][K], of `conts` (K per item, item-major) after each prompt."""
+        import torch
+        from transformers import DynamicCache
+
+        from align2llava.models.batching import pad_batch
+
+        k = len(conts) // len(batch)
+        texts = [render(self.processor, prompt_messages(it.question, instruction, it.image is not None), True)
+                 for it in batch]
+        images = [load_rgb(resolve_image(image_root, it.image) if image_root else it.image)
+                  for it in batch if it.image is not None]
+        # the same call generate_answers makes: left padding, only a BOS the template leaves out
+        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt",
+                                add_special_tokens=needs_bos(self.tok, texts[0])).to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        mask = inputs["attention_mask"]
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        cont = pad_batch(conts, pad, side="right", device=self.device)
+        ids, cmask = cont["input_ids"], cont["attention_mask"]
+        cache = DynamicCache(config=self.model.config)
+        with torch.inference_mode():
+            hidden = self.body(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+                               **{self.cache_kw: cache}).last_hidden_state[:, -1]
+            # the first reply token is predicted by the prompt's last position
+            first = self.log_probs(hidden).repeat_interleave(k, 0)
+            total = first.gather(1, ids[:, :1])[:, 0]
+            if ids.shape[1] > 1:
+                cache.batch_repeat_interleave(k)
+                rows_mask = mask.repeat_interleave(k, 0)
+                start = rows_mask.sum(-1, keepdim=True)  # each row's real prompt length
+                steps = torch.arange(ids.shape[1] - 1, device=self.device)
+                hidden = self.body(
+                    input_ids=ids[:, :-1], attention_mask=torch.cat([rows_mask, cmask[:, :-1]], 1),
+                    position_ids=start + steps, use_cache=True, **{self.cache_kw: cache},
+                ).last_hidden_state
+                lp = self.log_probs(hidden).gather(2, ids[:, 1:, None])[..., 0]
+                total = total + (lp * cmask[:, 1:]).sum(1)
+        return total.view(len(batch), k).tolist()
