@@ -50,7 +50,6 @@ from typing import Any
 from pydantic import field_validator
 
 from align2llava.config import Section
-from align2llava.data.images import load_rgb, resolve_image
 from align2llava.data.records import SHORT_ANSWER
 from align2llava.errors import DataError
 from align2llava.steps.evaluation.answers import extract_answer, normalize, vqa_accuracy, yes_no
@@ -189,33 +188,16 @@ def generate_answers(
     """Batched greedy generation (left padding); one answer string per item."""
     import torch
 
-    from align2llava.models.chat import needs_bos, prompt_messages, render
     from align2llava.progress import Progress
+    from align2llava.steps.evaluation.prompts import encode_prompts
 
     tok = processor.tokenizer
-    tok.padding_side = "left"
-    device = next(model.parameters()).device
     model.eval()
     answers: list[str] = []
     progress = Progress(len(items), "generate", "q", log)
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
-        texts = [
-            render(processor, prompt_messages(it.question, instruction, it.image is not None), True)
-            for it in batch
-        ]
-        images = [
-            load_rgb(resolve_image(image_root, it.image) if image_root else it.image)
-            for it in batch
-            if it.image is not None
-        ]
-        # the checkpoint's template rendered the prompt; the tokenizer adds only a BOS it leaves out
-        inputs = processor(
-            text=texts, images=images or None, padding=True, return_tensors="pt",
-            add_special_tokens=needs_bos(tok, texts[0]),
-        ).to(device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        inputs = encode_prompts(model, processor, batch, image_root=image_root, instruction=instruction)
         with torch.inference_mode():
             out = model.generate(
                 **inputs,
@@ -289,6 +271,12 @@ def _references(rows: list[dict[str, Any]]) -> list[list[str]]:
     return [[r["answer"]] if isinstance(r["answer"], str) else list(r["answer"]) for r in rows]
 
 
+def _accuracy(vqa: Any, rows: list[dict[str, Any]], key: str) -> float:
+    """VQA accuracy (the vqa_accuracy module) of the answers in `key` against the gold answers."""
+    score = vqa.compute(predictions=[r[key] for r in rows], references=_references(rows))
+    return round(score["vqa_accuracy"], 4)
+
+
 def benchmark_metrics(rows: list[dict[str, Any]], prefix: str = "benchmark") -> dict[str, Any]:
     """Accuracy (the extracted answer, by the vqa_accuracy module: normalised match with the one
     gold answer) overall and per question type, and exact match (the whole generation)."""
@@ -297,8 +285,7 @@ def benchmark_metrics(rows: list[dict[str, Any]], prefix: str = "benchmark") -> 
     vqa = load_metric("vqa_accuracy")
 
     def accuracy(subset: list[dict[str, Any]], key: str) -> float:
-        score = vqa.compute(predictions=[r[key] for r in subset], references=_references(subset))
-        return round(score["vqa_accuracy"], 4)
+        return _accuracy(vqa, subset, key)
 
     out: dict[str, Any] = {
         f"{prefix}_accuracy": accuracy(rows, "extracted"),
@@ -327,15 +314,10 @@ def likelihood_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
     vqa = [r for r in rows if r["source"] == "vqa" and "likelihood_choice" in r]
     out: dict[str, Any] = {}
     if vqa:
-        acc = load_metric("vqa_accuracy")
-
-        def accuracy(subset: list[dict[str, Any]]) -> float:
-            score = acc.compute(predictions=[r["likelihood_choice"] for r in subset], references=_references(subset))
-            return round(score["vqa_accuracy"], 4)
-
-        out["benchmark_likelihood_accuracy"] = accuracy(vqa)
+        acc, key = load_metric("vqa_accuracy"), "likelihood_choice"
+        out["benchmark_likelihood_accuracy"] = _accuracy(acc, vqa, key)
         for t in sorted({r["type"] for r in vqa}):
-            out[f"benchmark_likelihood_accuracy_{t}"] = accuracy([r for r in vqa if r["type"] == t])
+            out[f"benchmark_likelihood_accuracy_{t}"] = _accuracy(acc, [r for r in vqa if r["type"] == t], key)
     pope = [r for r in rows if r["source"] == "pope" and "likelihood_choice" in r]
     return {**out, **pope_metrics(pope, "pope_likelihood", "likelihood_choice")}
 

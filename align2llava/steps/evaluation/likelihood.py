@@ -31,9 +31,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from align2llava.data.images import load_rgb, resolve_image
 from align2llava.errors import Align2LlavaError
-from align2llava.models.chat import needs_bos, prompt_messages, render, text_ids
+from align2llava.models.chat import prompt_messages, render, text_ids
 from align2llava.steps.evaluation.answers import normalize
 
 log = logging.getLogger(__name__)
@@ -169,17 +168,10 @@ class _Scorer:
         from transformers import DynamicCache
 
         from align2llava.models.batching import pad_batch
+        from align2llava.steps.evaluation.prompts import encode_prompts
 
         k = len(conts) // len(batch)
-        texts = [render(self.processor, prompt_messages(it.question, instruction, it.image is not None), True)
-                 for it in batch]
-        images = [load_rgb(resolve_image(image_root, it.image) if image_root else it.image)
-                  for it in batch if it.image is not None]
-        # the same call generate_answers makes: left padding, only a BOS the template leaves out
-        inputs = self.processor(text=texts, images=images or None, padding=True, return_tensors="pt",
-                                add_special_tokens=needs_bos(self.tok, texts[0])).to(self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        inputs = encode_prompts(self.model, self.processor, batch, image_root=image_root, instruction=instruction)
         mask = inputs["attention_mask"]
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         cont = pad_batch(conts, pad, side="right", device=self.device)
