@@ -37,8 +37,11 @@ demo: $(STAMP)
 	$(BIN)/dvc repro
 	@$(BIN)/align2llava summary   # every metric: dvc metrics show
 
+# The suite in parallel (pytest-xdist): one worker per core, at most 4 (each loads torch).
+TEST_WORKERS ?= auto --maxprocesses 4
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 clean-venv:
 	rm -rf $(VENV)
