@@ -216,9 +216,13 @@ def test_scored_tokens_are_the_span_finetune_trains_on(any_mllm):
         # none, so the tokenizer's EOS, as finetune trains)
         assert tok.decode(cont[:-1]).strip() == reply and cont[-1] == tok.convert_tokens_to_ids(
             "<|im_end|>" if "<|im_end|>" in tok.get_vocab() else tok.eos_token)
+        # span "start": the reply's own tokens, the end of the turn left out
+        assert continuation_ids(proc, question, reply, span="start") == cont[:-1]
+    with pytest.raises(ValueError, match="likelihood span"):
+        continuation_ids(proc, question, "Red", span="first")
 
 
-def _naive_scores(model, proc, item, cands, image_root):
+def _naive_scores(model, proc, item, cands, image_root, span="turn"):
     """Each prompt + candidate as one sequence: no cache, no padding, batch 1."""
     import torch
 
@@ -231,7 +235,7 @@ def _naive_scores(model, proc, item, cands, image_root):
     n = inputs["input_ids"].shape[1]
     out = {}
     for c in cands:
-        cont = continuation_ids(proc, item.question, reply_text(c))
+        cont = continuation_ids(proc, item.question, reply_text(c), span=span)
         ids = torch.cat([inputs["input_ids"], torch.tensor([cont])], 1)
         with torch.inference_mode():
             logp = model(input_ids=ids, pixel_values=inputs["pixel_values"]).logits[0].float().log_softmax(-1)
@@ -265,6 +269,22 @@ def test_cached_likelihood_equals_naive_scoring(any_mllm, image_root):
         assert len(set(got["likelihood_scores"].values())) == len(cands[it.type])
     one = rank_candidates(model, proc, items[:1], cands, image_root=image_root, batch_size=1)
     assert one[0]["likelihood_scores"] == pytest.approx(ranked[0]["likelihood_scores"], abs=1e-4)
+
+
+def test_start_span_scores_the_reply_start(any_mllm, image_root):
+    model, proc = any_mllm
+    items = [Item("p1", "pope", "pope", "Is there a circle in the image?", ["yes"], "a.png"),
+             Item("p2", "pope", "pope", "Is there a red shape?", ["no"], "b.png")]
+    cands = {"pope": ["no", "yes"]}
+    ranked = rank_candidates(model, proc, items, cands, image_root=image_root, batch_size=4, span="start")
+    for it, got in zip(items, ranked):
+        naive = _naive_scores(model, proc, it, cands["pope"], image_root, span="start")
+        assert got["likelihood_scores"] == pytest.approx(naive, abs=1e-4)
+        whole = _naive_scores(model, proc, it, cands["pope"], image_root)
+        assert all(naive[c] > whole[c] for c in naive)  # the end of the turn costs probability
+    # by their start, "Red" could never lose to "Red light": refused, naming both
+    with pytest.raises(Align2LlavaError, match="'red' is a token prefix of 'red light'"):
+        rank_candidates(model, proc, items[:1], {"pope": ["red", "red light"]}, image_root=image_root, span="start")
 
 
 def test_likelihood_needs_a_prefix_stable_template(mllm):

@@ -241,6 +241,28 @@ def test_vqa_answers_are_wrong_at_the_rate_and_the_way_a_text_only_writer_errs()
                for i, k, turn in turns)
 
 
+def test_favourite_guesses_are_the_writers_mode_and_keep_the_defect_rates():
+    truths = _truths(600)
+    sampled = [make_item("vqa", t, 0, DefectRates(), vqa_wrong_rate=0.3) for t in truths]
+    fav = [make_item("vqa", t, 0, DefectRates(), vqa_wrong_rate=0.3, guesses="favourite") for t in truths]
+    wrong = {"color": Counter(), "shape": Counter()}
+    for i, j in zip(sampled, fav):
+        assert i.turn_defects == j.turn_defects  # same records, same defective turns
+        for k, turn in enumerate(j.turns):
+            if k in j.turn_defects and turn.kind in wrong:
+                truth = getattr(j.truth, turn.kind)
+                # red (blue where red is the truth); circle (rectangle where it is a circle)
+                mode = {"color": ("red", "blue"), "shape": ("circle", "rectangle")}[turn.kind]
+                assert turn.answer.lower() == (mode[1] if truth == mode[0] else mode[0]), (turn, truth)
+                wrong[turn.kind][turn.answer.lower()] += 1
+    assert set(wrong["color"]) == {"red", "blue"} and set(wrong["shape"]) == {"circle", "rectangle"}
+    # the verbose tasks' hallucinations follow the same rule
+    t = Truth(1, "train", "triangle", "green", "center", "medium")
+    rates = DefectRates(**{d: 1.0 if d == "hallucinated_color" else 0.0 for d in DEFECTS})
+    item = make_item("detail", t, 0, rates, guesses="favourite")
+    assert "red" in item.turns[0].answer and "green" not in item.turns[0].answer
+
+
 def test_annotator_separates_clean_from_defective():
     """The rubric, without noise, scores every generated defect below every clean turn."""
     for task in TASKS:

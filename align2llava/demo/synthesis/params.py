@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from align2llava.config import Section
@@ -35,6 +37,8 @@ class SynthesizeParams(Section):
     defect_rates: DefectRates = DefectRates()
     # vqa records (short answers): the chance each one-word answer is the writer's wrong guess
     vqa_wrong_rate: float = Field(0.25, ge=0, le=1)
+    # a hallucinated colour or shape: drawn from the writer's prior, or always its favourite
+    guesses: Literal["sampled", "favourite"] = "sampled"
     annotate_fraction: float = Field(0.10, ge=0, le=1)  # share of pool records annotated
     question_candidates: int = Field(4, ge=2)  # per annotated record, the original included
     answer_candidates: int = Field(4, ge=2)  # per annotated turn, the original included

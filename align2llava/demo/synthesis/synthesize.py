@@ -155,7 +155,7 @@ def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
     items = []
     for k, task in enumerate(TASKS):
         block = sorted(pool_ids[k * p.pool_per_task: (k + 1) * p.pool_per_task])
-        items += [make_item(task, truths[i], seed, p.defect_rates, p.vqa_wrong_rate) for i in block]
+        items += [make_item(task, truths[i], seed, p.defect_rates, p.vqa_wrong_rate, p.guesses) for i in block]
     rng = random.Random(f"{seed}:annotated")
     annotated = []
     for task in TASKS:

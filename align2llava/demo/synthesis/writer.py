@@ -214,10 +214,15 @@ COLOR_PRIOR = {"red": 0.35, "blue": 0.25, "green": 0.15, "black": 0.1, "yellow":
 SHAPE_PRIOR = {"circle": 0.6, "rectangle": 0.3, "triangle": 0.1}
 
 
-def guess(rng: random.Random, prior: dict[str, float], not_this: str) -> str:
-    """A wrong value drawn from the writer's prior (the true one left out)."""
+GUESSES = ("sampled", "favourite")
+
+
+def guess(rng: random.Random, prior: dict[str, float], not_this: str, how: str = "sampled") -> str:
+    """A wrong value, the true one left out: drawn from the writer's prior ("sampled") or always
+    its favourite ("favourite": the prior's mode, as a text-only generator's guesses cluster)."""
     options = [o for o in prior if o != not_this]
-    return rng.choices(options, weights=[prior[o] for o in options])[0]
+    drawn = rng.choices(options, weights=[prior[o] for o in options])[0]  # drawn either way: same pool otherwise
+    return max(options, key=lambda o: prior[o]) if how == "favourite" else drawn
 
 
 def short_answer(kind: str, t: Truth, probe: str = "", flip: bool = False) -> str:
@@ -227,12 +232,13 @@ def short_answer(kind: str, t: Truth, probe: str = "", flip: bool = False) -> st
     return {"color": t.color, "shape": t.shape}[kind].capitalize()
 
 
-def make_turn(kind: str, rng: random.Random, t: Truth, defect: str | None = None, short: bool = False) -> Turn:
+def make_turn(kind: str, rng: random.Random, t: Truth, defect: str | None = None, short: bool = False,
+              guesses: str = "sampled") -> Turn:
     """One QA turn of `kind`, carrying `defect` (None: clean).
 
     short: a short-answer VQA turn (kinds color, shape, yes_no): the question ends with
     SHORT_ANSWER and the answer is one word. A hallucinated colour or shape is the writer's
-    guess (`guess`, from its prior); a wrong yes/no on a presence question affirms an absent
+    guess (`guess`, from its prior, `guesses` says how); a wrong yes/no on a presence question affirms an absent
     shape or colour (text-only writers say yes to what they are asked about).
     """
     if defect == "generic_question":
@@ -254,9 +260,9 @@ def make_turn(kind: str, rng: random.Random, t: Truth, defect: str | None = None
     q = ask(kind, rng, t, probe)
     view, flip, style = t, False, "verbose"
     if defect == "hallucinated_color":
-        view = replace(t, color=guess(rng, COLOR_PRIOR, t.color))
+        view = replace(t, color=guess(rng, COLOR_PRIOR, t.color, guesses))
     elif defect == "hallucinated_shape":
-        view = replace(t, shape=guess(rng, SHAPE_PRIOR, t.shape))
+        view = replace(t, shape=guess(rng, SHAPE_PRIOR, t.shape, guesses))
     elif defect == "wrong_yes_no":
         flip = True
     elif defect == "omitted_key_fact":
@@ -280,11 +286,13 @@ def draw_defects(rng: random.Random, task: str, rates: DefectRates) -> list[str]
     return []
 
 
-def make_item(task: str, t: Truth, seed: int, rates: DefectRates, vqa_wrong_rate: float = 0.25) -> Item:
-    """One pool record of `task` about image `t`; `vqa` records take `vqa_wrong_rate` per turn."""
+def make_item(task: str, t: Truth, seed: int, rates: DefectRates, vqa_wrong_rate: float = 0.25,
+              guesses: str = "sampled") -> Item:
+    """One pool record of `task` about image `t`; `vqa` records take `vqa_wrong_rate` per turn;
+    hallucinated values are the writer's guesses, `guesses` says how (`guess`)."""
     rng = random.Random(f"{seed}:{task}:{t.image_id}")
     if task == "vqa":
-        return _vqa_item(rng, t, vqa_wrong_rate)
+        return _vqa_item(rng, t, vqa_wrong_rate, guesses)
     defects = draw_defects(rng, task, rates)
     rng.shuffle(defects)
     n = (rng.choice((2, 3)) if task == "conversation" else 1)
@@ -301,7 +309,7 @@ def make_item(task: str, t: Truth, seed: int, rates: DefectRates, vqa_wrong_rate
         options = [x for x in kinds_all if x in fits and x not in used] or [x for x in kinds_all if x in fits]
         kind = rng.choice(options)
         used.append(kind)
-        turns.append(make_turn(kind, rng, t, d))
+        turns.append(make_turn(kind, rng, t, d, guesses=guesses))
         if d:
             turn_defects[k] = [d]
     return _item(rng, task, t, turns, turn_defects)
@@ -310,7 +318,7 @@ def make_item(task: str, t: Truth, seed: int, rates: DefectRates, vqa_wrong_rate
 WRONG = {"color": "hallucinated_color", "shape": "hallucinated_shape", "yes_no": "wrong_yes_no"}
 
 
-def _vqa_item(rng: random.Random, t: Truth, wrong_rate: float) -> Item:
+def _vqa_item(rng: random.Random, t: Truth, wrong_rate: float, guesses: str = "sampled") -> Item:
     """A short-answer VQA record (LLaVA-1.5's mix): 3-5 one-word QA turns about one image, each
     answer wrong with probability `wrong_rate` (the writer's guess, see `make_turn`)."""
     kinds = list(VQA_KINDS)
@@ -320,7 +328,7 @@ def _vqa_item(rng: random.Random, t: Truth, wrong_rate: float) -> Item:
     for k, kind in enumerate(kinds):
         d = WRONG[kind] if rng.random() < wrong_rate else None
         for _ in range(8):  # a different question each turn
-            turn = make_turn(kind, rng, t, d, short=True)
+            turn = make_turn(kind, rng, t, d, short=True, guesses=guesses)
             if turn.question not in asked:
                 break
         asked.add(turn.question)

@@ -45,7 +45,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import field_validator
 
@@ -85,6 +85,9 @@ class EvaluateParams(Section):
     likelihood: bool = True
     # The reply a candidate is scored as: {answer} as written, {Answer} capitalised.
     reply_format: str = REPLY_FORMAT
+    # What of each candidate reply is scored: "turn" (the whole turn, end of turn included) or
+    # "start" (its own tokens: p(the reply begins with it), e.g. p(Yes) vs p(No)).
+    likelihood_span: Literal["turn", "start"] = "turn"
 
     @field_validator("reply_format")
     @classmethod
@@ -393,6 +396,7 @@ def evaluate(
         ranked = rank_candidates(
             model, processor, items, candidate_sets(items, YES_NO_TYPES), image_root=item_root,
             batch_size=params.batch_size, instruction=params.instruction, reply_format=params.reply_format,
+            span=params.likelihood_span,
         )
         by_id = {r["id"]: r for r in rows if r["source"] == items[0].source}
         for it, rank in zip(items, ranked):

@@ -16,6 +16,11 @@ log-probability of saying them, as MMBench and SEED-Bench score MLLMs, next to g
   exactly the span finetune trains on: the reply's tokens and the end of the turn (ChatML's
   `<|im_end|>`; the tokenizer's EOS where the template writes none, as llava-hf's), so a
   candidate that is only the start of a longer answer does not score as if complete.
+- `span` "start" scores only the reply's own tokens, no end of turn: the probability that the
+  reply begins with the candidate ("Yes" vs "No" at the reply's first token, whatever follows),
+  the comparison POPE's likelihood form needs from a model whose "Yes" goes on ("Yes. The
+  image shows..."), which as a whole turn is improbable whatever the image. Candidates must then
+  not be token prefixes of each other (an error says which).
 - The score is the summed log-probability (no length normalisation) and is not calibrated
   against a no-image or no-question prior: it measures what the model would say, biases included.
 
@@ -32,12 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from align2llava.errors import Align2LlavaError
-from align2llava.models.chat import prompt_messages, render, text_ids
+from align2llava.models.chat import prompt_messages, render, reply_lead, text_ids
 from align2llava.steps.evaluation.answers import normalize
 
 log = logging.getLogger(__name__)
 
 REPLY_FORMAT = "{Answer}"
+# What of a candidate reply is scored: the whole turn (end of turn included) or its start.
+SPANS = ("turn", "start")
 YES_NO = ("no", "yes")
 
 
@@ -70,14 +77,20 @@ def candidate_sets(items: list[Any], yes_no_types: set[str] | frozenset[str] = f
 
 
 def continuation_ids(processor: Any, question: str, reply: str, *, instruction: str = "",
-                     image: bool = True) -> list[int]:
-    """Token ids of `reply` as the assistant's whole turn after the evaluation prompt: what the
-    template renders after the generation prompt, trailing whitespace excluded, plus the
-    tokenizer's EOS when that holds no special token (finetune's labels, steps/finetune/data.py)."""
+                     image: bool = True, span: str = "turn") -> list[int]:
+    """Token ids of `reply` after the evaluation prompt. span "turn": the assistant's whole turn,
+    what the template renders after the generation prompt, trailing whitespace excluded, plus the
+    tokenizer's EOS when that holds no special token (finetune's labels, steps/finetune/data.py).
+    span "start": the reply's own tokens only, no end of turn (the reply begins with it)."""
+    if span not in SPANS:
+        raise ValueError(f"likelihood span {span!r}: one of {', '.join(SPANS)}")
     tok = processor.tokenizer
     user = prompt_messages(question, instruction, image)
     prompt = render(processor, user, generation_prompt=True)
-    full = render(processor, [*user, {"role": "assistant", "content": reply}]).rstrip()
+    if span == "start":
+        full = prompt + reply_lead(processor) + reply  # llava-hf's " " after "ASSISTANT:"
+    else:
+        full = render(processor, [*user, {"role": "assistant", "content": reply}]).rstrip()
     head, ids = text_ids(tok, prompt), text_ids(tok, full)
     if not full.startswith(prompt) or ids[: len(head)] != head or len(ids) == len(head):
         raise Align2LlavaError(
@@ -86,7 +99,7 @@ def continuation_ids(processor: Any, question: str, reply: str, *, instruction: 
             "cannot be scored; set evaluate.likelihood: false"
         )
     cont = ids[len(head):]
-    if tok.eos_token_id is not None and not set(cont) & set(tok.all_special_ids):
+    if span == "turn" and tok.eos_token_id is not None and not set(cont) & set(tok.all_special_ids):
         cont.append(tok.eos_token_id)
     return cont
 
@@ -101,6 +114,7 @@ def rank_candidates(
     batch_size: int = 32,
     instruction: str = "",
     reply_format: str = REPLY_FORMAT,
+    span: str = "turn",
 ) -> list[dict[str, Any]]:
     """Per item (in order): {"likelihood_scores": {candidate: summed log-prob}, "likelihood_choice":
     the highest (the first listed on a tie)}. Items are batched by type, so the candidates per
@@ -130,9 +144,12 @@ def rank_candidates(
             rows = index[start : start + per]
             batch = [items[i] for i in rows]
             conts = [
-                continuation_ids(processor, it.question, r, instruction=instruction, image=it.image is not None)
+                continuation_ids(processor, it.question, r, instruction=instruction, image=it.image is not None,
+                                 span=span)
                 for it in batch for r in replies[t]
             ]
+            if span == "start":
+                _check_no_prefix(conts[: len(cands)], cands, t)
             scores = scorer.score(batch, conts, image_root=image_root, instruction=instruction)
             for i, row in zip(rows, scores):
                 best = max(range(len(cands)), key=lambda k: (row[k], -k))
@@ -140,6 +157,17 @@ def rank_candidates(
             progress.update(len(batch), candidates=len(conts), **{"scored tok": sum(map(len, conts))})
     progress.close()
     return out
+
+
+def _check_no_prefix(conts: list[list[int]], cands: list[str], kind: str) -> None:
+    """Scored by their start, a candidate whose tokens begin another's would never lose to it."""
+    for i, a in enumerate(conts):
+        for j, b in enumerate(conts):
+            if i != j and b[: len(a)] == a:
+                raise Align2LlavaError(
+                    f"likelihood scoring ({kind}): candidate {cands[i]!r} is a token prefix of {cands[j]!r}, "
+                    "so scoring replies by their start cannot tell them apart; set evaluate.likelihood_span: turn"
+                )
 
 
 class _Scorer:
