@@ -287,6 +287,28 @@ def test_start_span_scores_the_reply_start(any_mllm, image_root):
         rank_candidates(model, proc, items[:1], {"pope": ["red", "red light"]}, image_root=image_root, span="start")
 
 
+def test_no_image_prior_scores_what_the_image_adds(any_mllm, image_root):
+    from dataclasses import replace
+
+    model, proc = any_mllm
+    q = "Is there a circle in the image?"
+    items = [Item("p1", "pope", "pope", q, ["yes"], "a.png"), Item("p2", "pope", "pope", q, ["no"], "b.png")]
+    cands = {"pope": ["no", "yes"]}
+    kw = dict(image_root=image_root, batch_size=4, span="start")
+    seen = rank_candidates(model, proc, items, cands, **kw)
+    cal = rank_candidates(model, proc, items, cands, prior="no_image", **kw)
+    # the blind score is the question's without any image: the same for both images
+    assert cal[0]["likelihood_blind_scores"] == pytest.approx(cal[1]["likelihood_blind_scores"], abs=1e-4)
+    blind = rank_candidates(model, proc, [replace(items[0], image=None)], cands, **kw)[0]["likelihood_scores"]
+    assert cal[0]["likelihood_blind_scores"] == pytest.approx(blind, abs=1e-4)
+    for s, c in zip(seen, cal):
+        assert c["likelihood_scores"] == pytest.approx(
+            {k: s["likelihood_scores"][k] - blind[k] for k in cands["pope"]}, abs=1e-4)
+        assert c["likelihood_choice"] == max(c["likelihood_scores"], key=c["likelihood_scores"].get)
+    with pytest.raises(ValueError, match="likelihood prior"):
+        rank_candidates(model, proc, items, cands, prior="text", **kw)
+
+
 def test_likelihood_needs_a_prefix_stable_template(mllm):
     _, proc = mllm
     own = proc.chat_template

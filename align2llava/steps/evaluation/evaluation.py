@@ -88,6 +88,8 @@ class EvaluateParams(Section):
     # What of each candidate reply is scored: "turn" (the whole turn, end of turn included) or
     # "start" (its own tokens: p(the reply begins with it), e.g. p(Yes) vs p(No)).
     likelihood_span: Literal["turn", "start"] = "turn"
+    # none: raw log-probabilities; no_image: less the same reply's without the image (calibrated).
+    likelihood_prior: Literal["none", "no_image"] = "none"
 
     @field_validator("reply_format")
     @classmethod
@@ -396,12 +398,14 @@ def evaluate(
         ranked = rank_candidates(
             model, processor, items, candidate_sets(items, YES_NO_TYPES), image_root=item_root,
             batch_size=params.batch_size, instruction=params.instruction, reply_format=params.reply_format,
-            span=params.likelihood_span,
+            span=params.likelihood_span, prior=params.likelihood_prior,
         )
         by_id = {r["id"]: r for r in rows if r["source"] == items[0].source}
         for it, rank in zip(items, ranked):
             by_id[it.id]["likelihood_choice"] = rank["likelihood_choice"]
             by_id[it.id]["likelihood_scores"] = {c: round(s, 4) for c, s in rank["likelihood_scores"].items()}
+            if "likelihood_blind_scores" in rank:
+                by_id[it.id]["likelihood_blind_scores"] = {c: round(s, 4) for c, s in rank["likelihood_blind_scores"].items()}
     metrics: dict[str, Any] = {}
     metrics.update(benchmark_metrics([r for r in rows if r["source"] == "vqa"]))
     metrics.update(pope_metrics([r for r in rows if r["source"] == "pope"]))

@@ -21,8 +21,11 @@ log-probability of saying them, as MMBench and SEED-Bench score MLLMs, next to g
   the comparison POPE's likelihood form needs from a model whose "Yes" goes on ("Yes. The
   image shows..."), which as a whole turn is improbable whatever the image. Candidates must then
   not be token prefixes of each other (an error says which).
-- The score is the summed log-probability (no length normalisation) and is not calibrated
-  against a no-image or no-question prior: it measures what the model would say, biases included.
+- The score is the summed log-probability (no length normalisation). With `prior` "none" it
+  measures what the model would say, biases included; with "no_image" it is calibrated against
+  the same question asked without the image (the log-probability the image adds, a pointwise
+  mutual information): a caption-only model that puts more mass on "No" than "Yes" whatever it
+  is shown is then judged by which answer the image makes more likely.
 
 Each batch's prompts (image included) run once; their KV cache is repeated once per candidate
 and all candidates' continuations are scored in one more forward pass. Log-probabilities are
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,8 @@ log = logging.getLogger(__name__)
 REPLY_FORMAT = "{Answer}"
 # What of a candidate reply is scored: the whole turn (end of turn included) or its start.
 SPANS = ("turn", "start")
+# What each score is measured against: nothing, or the same question asked without the image.
+PRIORS = ("none", "no_image")
 YES_NO = ("no", "yes")
 
 
@@ -115,11 +121,37 @@ def rank_candidates(
     instruction: str = "",
     reply_format: str = REPLY_FORMAT,
     span: str = "turn",
+    prior: str = "none",
 ) -> list[dict[str, Any]]:
     """Per item (in order): {"likelihood_scores": {candidate: summed log-prob}, "likelihood_choice":
     the highest (the first listed on a tie)}. Items are batched by type, so the candidates per
     item (K) are fixed in a batch; `batch_size` bounds the rows of the candidate pass, so a batch
-    holds batch_size // K questions (at least one) and its cache about what generation's holds."""
+    holds batch_size // K questions (at least one) and its cache about what generation's holds.
+
+    prior "no_image": each score less the same candidate's score for the question asked without
+    the image (also returned, as "likelihood_blind_scores"): what the image adds, so a model's
+    text-only preference ("No" over "Yes", "red" over "teal") does not decide the choice."""
+    if prior not in PRIORS:
+        raise ValueError(f"likelihood prior {prior!r}: one of {', '.join(PRIORS)}")
+    kw = dict(image_root=image_root, batch_size=batch_size, instruction=instruction,
+              reply_format=reply_format, span=span)
+    ranked = _rank(model, processor, items, candidates_by_type, **kw)
+    if prior == "none":
+        return ranked
+    blind = _rank(model, processor, [replace(it, image=None) for it in items], candidates_by_type, **kw)
+    out = []
+    for it, seen, unseen in zip(items, ranked, blind):
+        cands = candidates_by_type[it.type]
+        scores = {c: seen["likelihood_scores"][c] - unseen["likelihood_scores"][c] for c in cands}
+        best = max(range(len(cands)), key=lambda k: (scores[cands[k]], -k))
+        out.append({"likelihood_scores": scores, "likelihood_choice": cands[best],
+                    "likelihood_blind_scores": unseen["likelihood_scores"]})
+    return out
+
+
+def _rank(model: Any, processor: Any, items: list[Any], candidates_by_type: dict[str, list[str]], *,
+          image_root: str | Path | None, batch_size: int, instruction: str, reply_format: str, span: str
+          ) -> list[dict[str, Any]]:
     from align2llava.progress import Progress
 
     missing = sorted({it.type for it in items} - set(candidates_by_type))
