@@ -183,6 +183,15 @@ def test_likelihood_metrics_on_known_rows():
     # tp=1 (p1), fn=1 (p2), fp=1 (p3), tn=1 (p4)
     assert (m["pope_likelihood_accuracy"], m["pope_likelihood_precision"], m["pope_likelihood_recall"],
             m["pope_likelihood_f1"], m["pope_likelihood_yes_ratio"]) == (0.5, 0.5, 0.5, 0.5, 0.5)
+    assert "pope_likelihood_auroc" not in m  # no scores, no ranking
+    # yes - no margins: present p1 2.0, p2 -1.0; absent p3 0.5, p4 -3.0 -> 3 of 4 pairs ordered
+    for r, margin in zip(rows[4:], (2.0, -1.0, 0.5, -3.0)):
+        r["likelihood_scores"] = {"no": -1.0, "yes": -1.0 + margin}
+    assert likelihood_metrics(rows)["pope_likelihood_auroc"] == 0.75
+    # every probe below the 0 threshold (yes ratio 0) still ranks perfectly when present ones lead
+    for r, margin in zip(rows[4:], (-1.0, -1.5, -4.0, -5.0)):
+        r["likelihood_scores"] = {"no": 0.0, "yes": margin}
+    assert likelihood_metrics(rows)["pope_likelihood_auroc"] == 1.0
     assert likelihood_metrics(score_items(_items(), ["x"] * 8)) == {}  # no likelihood: no keys
 
 

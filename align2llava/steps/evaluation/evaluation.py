@@ -324,7 +324,26 @@ def likelihood_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for t in sorted({r["type"] for r in vqa}):
             out[f"benchmark_likelihood_accuracy_{t}"] = _accuracy(acc, [r for r in vqa if r["type"] == t], key)
     pope = [r for r in rows if r["source"] == "pope" and "likelihood_choice" in r]
-    return {**out, **pope_metrics(pope, "pope_likelihood", "likelihood_choice")}
+    out.update(pope_metrics(pope, "pope_likelihood", "likelihood_choice"))
+    auroc = yes_margin_auroc(pope)
+    if auroc is not None:
+        out["pope_likelihood_auroc"] = auroc
+    return out
+
+
+def yes_margin_auroc(rows: list[dict[str, Any]]) -> float | None:
+    """How well score(yes) - score(no) ranks present probes above absent ones, whatever the
+    threshold (0.5: the margin knows nothing of the image; 1: perfect). None without both."""
+    margins = {"yes": [], "no": []}
+    for r in rows:
+        s = r.get("likelihood_scores") or {}
+        if "yes" in s and "no" in s and normalize(r["answer"]) in margins:
+            margins[normalize(r["answer"])].append(s["yes"] - s["no"])
+    pos, neg = margins["yes"], margins["no"]
+    if not pos or not neg:
+        return None
+    wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
+    return round(wins / (len(pos) * len(neg)), 4)
 
 
 def eval_file_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
