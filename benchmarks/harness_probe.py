@@ -1,0 +1,117 @@
+"""Can the harness see data quality? Fine-tune the base on a per-task subset of a demo pool and
+evaluate it on a benchmark slice, outside the pipeline (no scoring or restyle needed).
+
+    python -m benchmarks.harness_probe --method oracle --seed 0 --out-dir .cache/probe/A-oracle-0
+    python -m benchmarks.harness_probe --method random --seed 0 --out-dir .cache/probe/A-random-0
+    python -m benchmarks.harness_probe --method base --out-dir .cache/probe/base \\
+        --set evaluate.likelihood_span=start --set evaluate.likelihood_prior=no_image
+
+Demo only. Methods: oracle (per task, a seeded shuffle, then the records the demo oracle marks
+clean first), random (the seeded shuffle), all (the whole pool), base (no fine-tune). The
+benchmark slice is the first --per-type questions of each vqa type and --pope-per-answer
+present and absent POPE probes of the benchmark folder. Params come from params.yaml with base
+pointed at the pool and the checkpoint, and any --set SECTION.KEY=YAML. Prints one JSON row
+(evaluate's metrics, the subset's clean share, seconds) and appends it to --results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import yaml
+
+from align2llava.ops.clikit import user_errors
+
+
+def subset(pool: list[dict], oracle: dict[str, bool], method: str, seed: int, per_task: int) -> list[dict]:
+    by_task: dict[str, list[dict]] = {}
+    for r in pool:
+        by_task.setdefault(r["task"], []).append(r)
+    out = []
+    for task, recs in sorted(by_task.items()):
+        recs = list(recs)
+        random.Random(f"{seed}:{task}").shuffle(recs)
+        if method == "oracle":
+            recs.sort(key=lambda r: not oracle[r["id"]])  # stable: clean first, shuffled within
+        out += recs if method == "all" else recs[:per_task]
+    return out
+
+
+def bench_slice(src: Path, dst: Path, per_type: int, pope_per_answer: int) -> None:
+    vqa = [json.loads(x) for x in (src / "vqa.jsonl").read_text().splitlines()]
+    pope = [json.loads(x) for x in (src / "pope.jsonl").read_text().splitlines()]
+    rows = [r for t in ("shape", "color", "yes_no") for r in [r for r in vqa if r["type"] == t][:per_type]]
+    probes = [r for a in ("yes", "no") for r in [r for r in pope if r["answer"] == a][:pope_per_answer]]
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "vqa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (dst / "pope.jsonl").write_text("".join(json.dumps(r) + "\n" for r in probes))
+
+
+@click.command()
+@click.option("--pool-dir", default="data/synthesize", show_default=True, type=click.Path(path_type=Path),
+              help="A synthesize output folder (pool.json, oracle.jsonl, images/).")
+@click.option("--method", type=click.Choice(["oracle", "random", "all", "base"]), required=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--per-task", default=27, show_default=True, help="Records per task type (27 of 300: 9%).")
+@click.option("--base-model", default="models/pretrain", show_default=True, type=click.Path(path_type=Path))
+@click.option("--bench-dir", default="data/synthesize/benchmark", show_default=True, type=click.Path(path_type=Path))
+@click.option("--bench-images", default="data/synthesize/images", show_default=True, type=click.Path(path_type=Path))
+@click.option("--per-type", default=50, show_default=True, help="Benchmark questions per vqa type.")
+@click.option("--pope-per-answer", default=50, show_default=True)
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=YAML", help="Override a param.")
+@click.option("--out-dir", required=True, type=click.Path(path_type=Path))
+@click.option("--results", default=".cache/probe/results.jsonl", show_default=True, type=click.Path(path_type=Path))
+def main(pool_dir: Path, method: str, seed: int, per_task: int, base_model: Path, bench_dir: Path,
+         bench_images: Path, per_type: int, pope_per_answer: int, sets: tuple[str, ...], out_dir: Path,
+         results: Path) -> None:
+    """Fine-tune on one subset (or none) and evaluate; print and append one result row."""
+    with user_errors():
+        out_dir = out_dir.resolve()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        bench_slice(bench_dir, out_dir / "bench", per_type, pope_per_answer)
+        params = yaml.safe_load(Path("params.yaml").read_text())
+        params["base"].update(pool=str(pool_dir / "pool.json"), image_root=str(pool_dir / "images"),
+                              base_model=str(base_model))
+        params["finetune"].update(checkpoint_dir=str(out_dir / "checkpoints"), resume=False, seed=seed)
+        params["evaluate"].update(vqa_file=str(out_dir / "bench/vqa.jsonl"), pope_file=str(out_dir / "bench/pope.jsonl"),
+                                  image_root=str(bench_images))
+        for s in sets:
+            key, _, value = s.partition("=")
+            section, _, name = key.partition(".")
+            params[section][name] = yaml.safe_load(value)
+        (out_dir / "params.yaml").write_text(yaml.safe_dump(params))
+        env = {**os.environ, "ALIGN2LLAVA_NO_MLFLOW": "1"}
+        common = ["--params", str(out_dir / "params.yaml"), "--metrics-dir", str(out_dir)]
+        t0 = time.perf_counter()
+        row: dict = {"method": method, "seed": seed, "pool": str(pool_dir), "set": list(sets)}
+        model = base_model
+        if method != "base":
+            pool = json.loads((pool_dir / "pool.json").read_text())
+            oracle = {r["id"]: not r["defects"] for r in map(json.loads, (pool_dir / "oracle.jsonl").read_text().splitlines())}
+            chosen = subset(pool, oracle, method, seed, per_task)
+            (out_dir / "subset.json").write_text(json.dumps(chosen))
+            row.update(records=len(chosen), clean_share=round(sum(oracle[r["id"]] for r in chosen) / len(chosen), 3))
+            model = out_dir / "model"
+            subprocess.run([sys.executable, "-m", "stages.finetune", *common, "--data", str(out_dir / "subset.json"),
+                            "--out-dir", str(model), "--plots-dir", str(out_dir)], env=env, check=True)
+        t1 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "stages.evaluate", *common, "--model", str(model),
+                        "--out-dir", str(out_dir / "eval")], env=env, check=True)
+        metrics = json.loads((out_dir / "evaluate.json").read_text())
+        row.update({k: v for k, v in metrics.items() if k.startswith(("benchmark", "pope"))})
+        row.update(finetune_s=round(t1 - t0), evaluate_s=round(time.perf_counter() - t1))
+        results.parent.mkdir(parents=True, exist_ok=True)
+        with results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        click.echo(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
