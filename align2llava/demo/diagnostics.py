@@ -14,7 +14,6 @@ editing it reruns nothing expensive. `diagnose` writes metrics/diagnose.json:
 
 from __future__ import annotations
 
-import bisect
 import json
 import math
 from collections import Counter
@@ -25,6 +24,7 @@ from typing import Any
 from align2llava.config import Section
 from align2llava.demo.synthesis.params import QUESTION_DEFECTS
 from align2llava.errors import DataError
+from align2llava.steps.evaluation.ranking import auroc
 
 
 class DiagnoseParams(Section):
@@ -77,19 +77,6 @@ def read_oracle(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- AUROC
-
-
-def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
-    """P(a positive scores above a negative), ties one half (Mann-Whitney)."""
-    if not positive or not negative:
-        return float("nan")
-    neg = sorted(negative)
-    wins = 0.0
-    for p in positive:
-        lo = bisect.bisect_left(neg, p)
-        hi = bisect.bisect_right(neg, p)
-        wins += lo + 0.5 * (hi - lo)
-    return wins / (len(positive) * len(negative))
 
 
 def clean_flags(oracle: dict[str, dict[str, Any]]) -> dict[str, tuple[bool, bool]]:

@@ -214,9 +214,6 @@ COLOR_PRIOR = {"red": 0.35, "blue": 0.25, "green": 0.15, "black": 0.1, "yellow":
 SHAPE_PRIOR = {"circle": 0.6, "rectangle": 0.3, "triangle": 0.1}
 
 
-GUESSES = ("sampled", "favourite")
-
-
 def guess(rng: random.Random, prior: dict[str, float], not_this: str, how: str = "sampled") -> str:
     """A wrong value, the true one left out: drawn from the writer's prior ("sampled") or always
     its favourite ("favourite": the prior's mode, as a text-only generator's guesses cluster)."""

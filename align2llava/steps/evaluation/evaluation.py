@@ -54,6 +54,7 @@ from align2llava.data.records import SHORT_ANSWER
 from align2llava.errors import DataError
 from align2llava.steps.evaluation.answers import extract_answer, normalize, vqa_accuracy, yes_no
 from align2llava.steps.evaluation.likelihood import REPLY_FORMAT, candidate_sets, rank_candidates, reply_text
+from align2llava.steps.evaluation.ranking import auroc
 
 log = logging.getLogger(__name__)
 
@@ -339,11 +340,9 @@ def yes_margin_auroc(rows: list[dict[str, Any]]) -> float | None:
         s = r.get("likelihood_scores") or {}
         if "yes" in s and "no" in s and normalize(r["answer"]) in margins:
             margins[normalize(r["answer"])].append(s["yes"] - s["no"])
-    pos, neg = margins["yes"], margins["no"]
-    if not pos or not neg:
+    if not margins["yes"] or not margins["no"]:
         return None
-    wins = sum((a > b) + 0.5 * (a == b) for a in pos for b in neg)
-    return round(wins / (len(pos) * len(neg)), 4)
+    return round(auroc(margins["yes"], margins["no"]), 4)
 
 
 def eval_file_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -138,9 +138,12 @@ def rank_candidates(
     ranked = _rank(model, processor, items, candidates_by_type, **kw)
     if prior == "none":
         return ranked
-    blind = _rank(model, processor, [replace(it, image=None) for it in items], candidates_by_type, **kw)
+    # without the image only the question matters: score each distinct one once (POPE repeats them)
+    asked = {(it.type, it.question): replace(it, image=None) for it in items}
+    blind = dict(zip(asked, _rank(model, processor, list(asked.values()), candidates_by_type, **kw)))
     out = []
-    for it, seen, unseen in zip(items, ranked, blind):
+    for it, seen in zip(items, ranked):
+        unseen = blind[it.type, it.question]
         cands = candidates_by_type[it.type]
         scores = {c: seen["likelihood_scores"][c] - unseen["likelihood_scores"][c] for c in cands}
         best = max(range(len(cands)), key=lambda k: (scores[cands[k]], -k))
