@@ -90,13 +90,13 @@ def test_every_params_section_has_a_class():
 
 
 # Keys whose params.yaml value is the demo's input file, where null means "none given": the
-# annotation files. A default naming the demo's file would make a params.yaml that leaves the key
-# out read the demo's simulated annotations into the user's pairs without a word (annotate-import
-# reads every file it is given); with null, the kind is skipped or the format's check says
-# "needs an input file". Other repo paths (base.pool, score.question_model, evaluate.vqa_file,
-# ...) are defaults: leaving them out points at the same layout the stages' --out-dir defaults
-# write.
-DEMO_INPUT_FILES = {"annotate_import": {"questions", "answers", "input", "tasks"}}
+# annotation files and finetune.mix. A default naming the demo's file would make a params.yaml
+# that leaves the key out read the demo's simulated annotations into the user's pairs, or train
+# the user's model on the demo's shapes, without a word; with null, the kind is skipped or the
+# format's check says "needs an input file", and finetune trains on the selection alone. Other
+# repo paths (base.pool, score.question_model, evaluate.vqa_file, ...) are defaults: leaving
+# them out points at the same layout the stages' --out-dir defaults write.
+DEMO_INPUT_FILES = {"annotate_import": {"questions", "answers", "input", "tasks"}, "finetune": {"mix"}}
 
 
 @pytest.mark.parametrize("name", sorted(_sections()))

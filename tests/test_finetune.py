@@ -211,6 +211,32 @@ def test_mode_none_saves_the_base_unchanged(tiny_llava, train_data, image_root, 
     assert set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_mix_records_are_trained_on_next_to_the_selection(tiny_llava, train_data, image_root, tmp_path):
+    recs = [llava_record(f"m{i}", "a.png", turns=[("What shape is it?", "Circle")]) for i in range(3)]
+    mix = tmp_path / "mix.json"
+    mix.write_text(json.dumps(recs))
+    params = _params(tmp_path, mix=str(mix), max_steps=-1, num_train_epochs=1)
+    result = finetune(params, base_model=tiny_llava, data=train_data, image_root=image_root,
+                      out_dir=tmp_path / "model", dtype="float32")
+    m = result.metrics
+    assert (m["train_records"], m["mix_records"], m["steps"]) == (8, 3, 3)  # 11 records, batches of 4
+
+
+@pytest.mark.parametrize("problem", ["shared id", "bad record", "missing file"])
+def test_a_bad_mix_is_an_error_naming_the_mix_file(problem, tiny_llava, train_data, image_root, tmp_path):
+    mix = tmp_path / "mix.json"
+    if problem == "shared id":
+        mix.write_text(json.dumps([llava_record("r3", "a.png", turns=[("Q?", "A")])]))
+    elif problem == "bad record":
+        mix.write_text(json.dumps([{"id": "m0", "image": "a.png", "conversations": []}]))
+    with pytest.raises(DataError, match=str(mix)) as err:
+        finetune(_params(tmp_path, mix=str(mix)), base_model=tiny_llava, data=train_data, image_root=image_root,
+                 out_dir=tmp_path / "model", dtype="float32")
+    assert "\n" not in str(err.value)
+    if problem == "shared id":
+        assert "'r3' is also in" in str(err.value)
+
+
 class Stop(Exception):
     pass
 

@@ -17,7 +17,7 @@ from align2llava.data.records import validate_records
 from align2llava.demo.synthesis.annotator import judge_answer, judge_question
 from align2llava.demo.synthesis.params import DEFECTS, QUESTION_DEFECTS, TASKS, DefectRates, SynthesizeParams
 from align2llava.demo.synthesis.synthesize import measured_rates
-from align2llava.demo.synthesis.world import COLORS, SHAPES, Truth, measure_image
+from align2llava.demo.synthesis.world import COLORS, SHAPES, Truth, _words, measure_image
 from align2llava.demo.synthesis.writer import make_item
 from tests.conftest import ROOT, TINY_WORLD, assert_summary_keys
 
@@ -92,6 +92,7 @@ def test_metrics_keys(world):
     for key in ("groups", "candidates", "strict_pairs", "tie_rate"):
         assert key in m["annotations"]
     assert m["benchmark"]["pope"] == TINY_WORLD["benchmark_pope"]
+    assert m["vqa_mix"] == TINY_WORLD["vqa_mix"]
     assert 0 <= m["truth_pixel_qa_disagreements"] <= 2  # a few tiny shapes fool the fill ratio
 
 
@@ -197,6 +198,58 @@ def test_benchmark_and_captions(world):
         assert f"{color} {shape}" in c["caption"]
 
 
+def _mix_checks(out: Path) -> list[dict]:
+    """The mix's records: valid, on train images no pool record or benchmark question uses, three
+    short-answer turns each in a shuffled order; returned for the kind's own checks."""
+    mix = read_records_strict(out / "vqa_mix.json")
+    assert len(mix) == TINY_WORLD["vqa_mix"] and not validate_records(mix, "vqa_mix.json", image_root=out / "images")
+    pool_images = {r["image"] for r in read_records_strict(out / "pool.json")}
+    bench = read_jsonl_strict(out / "benchmark" / "vqa.jsonl") + read_jsonl_strict(out / "benchmark" / "pope.jsonl")
+    assert not {r["image"] for r in mix} & (pool_images | {r["image"] for r in bench})
+    assert all(r["image"].startswith("train/") for r in mix)
+    for r in mix:
+        turns = r["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * 3 and turns[0]["value"].startswith("<image>\n")
+        assert all(t["value"].endswith("\nAnswer the question using a single word or phrase.") for t in turns[::2])
+    assert len({r["conversations"][0]["value"].split()[1] for r in mix}) > 1  # not always the same first question
+    return mix
+
+
+def test_easy_vqa_mix_is_easy_vqas_own_qa(world):
+    from align2llava.demo.synthesis.world import easy_vqa_dir, read_split
+
+    _, qa = read_split(easy_vqa_dir(), "train")
+    own = {(q.lower(), a, i) for q, a, i in qa}
+    for r in _mix_checks(world / "a"):
+        i = int(r["image"].removeprefix("train/").removesuffix(".png"))
+        turns, kinds = r["conversations"], []
+        for h, g in zip(turns[::2], turns[1::2]):
+            q = h["value"].removeprefix("<image>\n").removesuffix("\nAnswer the question using a single word or phrase.")
+            assert (q.lower(), g["value"].lower(), i) in own  # easy-vqa's wording and answer, not the writer's
+            a = g["value"].lower()
+            kinds.append("shape" if a in SHAPES else "color" if a in COLORS else "yes_no")
+        assert sorted(kinds) == ["color", "shape", "yes_no"]
+
+
+def test_layout_mix_teaches_the_short_form_without_the_benchmarks_facts(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
+    res = _run(tmp_path, tmp_path / "o", vqa_mix_kind="layout")
+    assert res.exit_code == 0, res.output
+    for r in _mix_checks(tmp_path / "o"):
+        _, _, position, size = measure_image(tmp_path / "o" / "images" / r["image"])
+        turns, kinds = r["conversations"], []
+        for h, g in zip(turns[::2], turns[1::2]):
+            q, a = h["value"], g["value"]
+            assert not set(_words(q + " " + a)) & set(SHAPES + COLORS)  # never what the benchmark asks
+            if a.lower() in (position, size):
+                kinds.append("position" if a.lower() == position else "size")
+            else:
+                side = next(w for w in ("left", "right", "upper", "lower") if w in _words(q))
+                assert a == ("Yes" if side in position.split() else "No"), (q, a, position)
+                kinds.append("side")
+        assert sorted(kinds) == ["position", "side", "size"], turns
+
+
 def test_hallucinated_colours_contradict_the_pixels(world):
     out = world / "a"
     pool = {r["id"]: r for r in read_records_strict(out / "pool.json")}
@@ -290,3 +343,10 @@ def test_bad_source_is_a_one_line_error(tmp_path, monkeypatch):
     assert res.exit_code == 1
     assert res.output.startswith("Error: ") and "questions.json" in res.output
     assert "Traceback" not in res.output
+
+
+def test_a_vqa_mix_larger_than_the_images_left_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
+    res = _run(tmp_path, tmp_path / "o", vqa_mix=4000)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.startswith("Error: synthesize.vqa_mix: 4,000 records asked") and res.output.count("\n") == 1

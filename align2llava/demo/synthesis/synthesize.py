@@ -16,6 +16,14 @@ easy-vqa (MIT, on PyPI) ships 64x64 images of one shape (circle, rectangle, tria
   against the ground truth with the paper's rubric (docs/method.md), plus noise; scores on a 0.25 grid.
 - `benchmark/`: easy-vqa's test QA (shape / color / yes_no) and POPE-style presence probes.
 - `captions.jsonl`: true short captions of train images (LLaVA stage-1 data).
+- `vqa_mix.json`: the fixed, correct part of the fine-tuning mix (`vqa_mix` records, none by
+  default), as LLaVA-1.5 tunes on academic VQA next to LLaVA-Instruct: short-answer records on
+  train images no pool record uses, three questions each in a shuffled order, each ending in the
+  short-answer instruction. `vqa_mix_kind` easy_vqa: easy-vqa's own QA (its wording and
+  answers), one shape, one colour and one yes/no question; layout: where the shape is, how large
+  and whether it is on a given side (answers from the pixels), so the form the benchmark asks in
+  without any of its facts. `finetune.mix` adds it to every fine-tune whatever the selection; no
+  stage curates it.
 
 Defect types (the names used in `oracle.jsonl`):
 
@@ -46,6 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from align2llava.data.io import write_jsonl, write_records
+from align2llava.data.records import SHORT_ANSWER
 from align2llava.demo.synthesis.annotator import build_annotations
 from align2llava.demo.synthesis.params import CAN_CARRY, DEFECTS, TASKS
 from align2llava.demo.synthesis.world import COLORS, SHAPES, _words, easy_vqa_dir, load_truths, qa_facts, read_split
@@ -55,6 +64,7 @@ from align2llava.steps.annotations.tasks import labeling_config
 
 if TYPE_CHECKING:
     from align2llava.demo.synthesis.params import SynthesizeParams
+    from align2llava.demo.synthesis.world import Truth
     from align2llava.demo.synthesis.writer import Item
 
 # ------------------------------------------------------------------- benchmark and captions
@@ -106,6 +116,66 @@ def build_benchmark(qa: list[tuple[str, str, int]], images: dict[int, Path], p: 
         pope.append({"id": f"pope-{k:04d}", "image": t.image, "question": q, "answer": "yes" if yes else "no",
                      "type": "pope"})
     return vqa, pope, mism
+
+
+MIX_QUESTIONS = {
+    "position": ("Where is the shape in the image?", "Where is the object located?", "In which part of the image is the object?"),
+    "size": ("How large is the shape?", "Is the object small, medium or large?", "What size is the shape relative to the image?"),
+    "side": ("Is the shape on the {side} side of the image?", "Is the object in the {side} part of the image?"),
+}
+SIDES = ("left", "right", "upper", "lower")
+
+
+def easy_vqa_mix(qa: list[tuple[str, str, int]], exclude: set[int], n: int, seed: int) -> list[dict[str, Any]]:
+    """`n` short-answer records from easy-vqa's own QA (its wording and answers) of images outside
+    `exclude`: one shape, one colour and one yes/no question each, in a shuffled order."""
+    by_image: dict[int, dict[str, list[tuple[str, str]]]] = {}
+    for q, a, i in sorted(qa, key=lambda x: (x[2], x[0], x[1])):
+        if i not in exclude:
+            typ = "shape" if a in SHAPES else "color" if a in COLORS else "yes_no"
+            by_image.setdefault(i, {}).setdefault(typ, []).append((q, a))
+    ids = [i for i in sorted(by_image) if len(by_image[i]) == 3]
+    if n > len(ids):
+        raise DataError(f"synthesize.vqa_mix: {n:,} records asked, {len(ids):,} train images outside the pool have "
+                        "a shape, a colour and a yes/no question")
+    rng = random.Random(f"{seed}:vqa_mix")
+    rng.shuffle(ids)
+    out = []
+    for i in sorted(ids[:n]):
+        types = ["shape", "color", "yes_no"]
+        rng.shuffle(types)
+        turns = []
+        for k, typ in enumerate(types):
+            q, a = rng.choice(by_image[i][typ])
+            text = q[0].upper() + q[1:] + "\n" + SHORT_ANSWER
+            turns += [{"from": "human", "value": "<image>\n" + text if k == 0 else text},
+                      {"from": "gpt", "value": a.capitalize()}]
+        out.append({"id": f"mix-{i:06d}", "image": f"train/{i}.png", "conversations": turns})
+    return out
+
+
+def layout_mix(truths: dict[int, Truth], seed: int) -> list[dict[str, Any]]:
+    """A short-answer record per image of `truths` about where its shape is and how large (see the
+    module doc): the short-answer form without the facts the benchmark asks."""
+    rng = random.Random(f"{seed}:vqa_mix")
+    out = []
+    for i in sorted(truths):
+        t = truths[i]
+        kinds = list(MIX_QUESTIONS)
+        rng.shuffle(kinds)
+        turns = []
+        for k, kind in enumerate(kinds):
+            q = rng.choice(MIX_QUESTIONS[kind])
+            if kind == "side":  # half the time a side the shape is on, else one it is not on
+                on = [x for x in SIDES if x in t.position.split()]
+                side = rng.choice(on if on and rng.random() < 0.5 else [x for x in SIDES if x not in on])
+                q, a = q.format(side=side), "Yes" if side in on else "No"
+            else:
+                a = (t.position if kind == "position" else t.size).capitalize()
+            text = f"{q}\n{SHORT_ANSWER}"
+            turns += [{"from": "human", "value": "<image>\n" + text if k == 0 else text}, {"from": "gpt", "value": a}]
+        out.append({"id": f"mix-{i:06d}", "image": t.image, "conversations": turns})
+    return out
 
 
 # ------------------------------------------------------------------------------- the stage
@@ -163,6 +233,15 @@ def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
         annotated += sorted(rng.sample(its, round(p.annotate_fraction * len(its))), key=lambda i: i.record["id"])
     ann = build_annotations(annotated, p, seed, image_root)
     vqa, pope, mism_test = build_benchmark(test_qa, test_images, p, seed)
+    if p.vqa_mix_kind == "easy_vqa":
+        mix = easy_vqa_mix(train_qa, set(pool_ids), p.vqa_mix, seed)
+    else:
+        outside = sorted(set(train_ids) - set(pool_ids))
+        if p.vqa_mix > len(outside):
+            raise DataError(f"synthesize.vqa_mix: {p.vqa_mix:,} records asked, {len(outside):,} train images lie "
+                            "outside the pool")
+        mix_ids = sorted(random.Random(f"{seed}:vqa_mix:images").sample(outside, p.vqa_mix))
+        mix = layout_mix(load_truths("train", mix_ids, qa_facts(train_qa), train_images)[0], seed)
     caps = [{"id": f"cap-{i:06d}", "image": truths[i].image,
              "caption": caption(truths[i], random.Random(f"{seed}:caption:{i}"))} for i in cap_ids]
 
@@ -170,7 +249,7 @@ def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
         for name in ("images", "annotations", "benchmark"):
             shutil.rmtree(out / name, ignore_errors=True)
     used = sorted({(t.split, t.image_id) for t in truths.values()}
-                  | {tuple(r["image"].removesuffix(".png").split("/")) for r in vqa + pope})
+                  | {(r["image"].split("/")[0], int(r["image"].removesuffix(".png").split("/")[1])) for r in vqa + pope + mix})
     from tqdm import tqdm
 
     for split, i in tqdm(used, desc="copy images", unit="img", disable=None, leave=False):
@@ -180,6 +259,7 @@ def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
     write_records([i.record for i in items], out / "pool.json", "json")
     write_jsonl([oracle_row(i) for i in items], out / "oracle.jsonl")
     write_jsonl(caps, out / "captions.jsonl")
+    write_records(mix, out / "vqa_mix.json", "json")
     _write_json(ann.question, out / "annotations" / "question.json")
     _write_json(ann.answer, out / "annotations" / "answer.json")
     _write_json(ann.tasks, out / "annotations" / "tasks.json")
@@ -205,6 +285,7 @@ def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
                       "pope": len(pope), "pope_yes_fraction": round(sum(r["answer"] == "yes" for r in pope)
                                                                     / max(1, len(pope)), 4)},
         "captions": len(caps),
+        "vqa_mix": len(mix),
         "images": len(used),
         # images whose pixel-measured shape/colour disagreed with easy-vqa's QA (the QA wins)
         "truth_pixel_qa_disagreements": mism + mism_test,

@@ -32,7 +32,7 @@ from typing import Any, Literal
 from pydantic import field_validator
 
 from align2llava.config import Section
-from align2llava.data.io import fingerprint, write_csv
+from align2llava.data.io import fingerprint, read_records_strict, write_csv
 from align2llava.data.records import validate_records
 from align2llava.errors import Align2LlavaError, DataError
 from align2llava.models.lora import LLM_LINEAR, lora_regex
@@ -83,6 +83,10 @@ class FinetuneParams(Section):
     # LLaVA's name: keep the projector frozen (false: it trains at mm_projector_lr, as the paper).
     freeze_mm_mlp_adapter: bool = True
     tune_vision_tower: bool = False
+    # LLaVA JSON/JSONL records trained on next to the selection in every fine-tune, never curated
+    # or rewritten: the fixed part of the mix (LLaVA-1.5 tunes on academic VQA next to the
+    # instruction data). null: the selection alone.
+    mix: str | None = None
     gradient_checkpointing: bool = False
     # Batch records of similar length together (less padding; LLaVA's group_by_modality_length).
     group_by_length: bool = True
@@ -235,16 +239,18 @@ def finetune(
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
-    from align2llava.data.io import read_records_strict
     from align2llava.models.loading import load_mllm
 
     data, out_dir, base_model = Path(data), Path(out_dir), Path(base_model)
-    records = read_records_strict(data)
+    records = _read_valid(data, image_root)
     if not records:
         raise DataError(f"{data}: no records to fine-tune on")
-    problems = validate_records(records, str(data), image_root=image_root, check_images=False)
-    if problems:
-        raise DataError(str(problems[0]) + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+    mix = Path(params.mix) if params.mix else None
+    mix_records = _read_valid(mix, image_root) if mix else []
+    clash = sorted({str(r["id"]) for r in records} & {str(r["id"]) for r in mix_records})
+    if clash:
+        raise DataError(f"{mix}: record id {clash[0]!r} is also in {data} ({len(clash)} shared ids): "
+                        "finetune.mix must hold other records than the selection")
 
     set_seed(params.seed)
     model, processor = load_mllm(base_model, dtype="float32")
@@ -254,9 +260,8 @@ def finetune(
         metrics = {"train_records": 0, "steps": 0, "train_loss": None, "first_loss": None,
                    "final_loss": None, "train_seconds": 0.0, **peak_memory_mb()}
         return FinetuneResult(metrics, [], model)
-    examples = prepare_examples(
-        records, processor, file=str(data), max_length=params.max_length, image_root=image_root
-    )
+    examples = [e for recs, f in ((records, data), (mix_records, mix)) if recs
+                for e in prepare_examples(recs, processor, file=str(f), max_length=params.max_length, image_root=image_root)]
     n_tokens = sum(len(e.input_ids) for e in examples)
     n_answer = sum(sum(1 for t in e.labels if t != IGNORE_INDEX) for e in examples)
     log.info(
@@ -273,7 +278,7 @@ def finetune(
 
     ckpt_dir = Path(params.checkpoint_dir)
     # what a checkpoint was made from (resume only when it matches): data, params, base model
-    stamp = fingerprint(data, base_model / "config.json", extra=[params.model_dump(), str(base_model.resolve())])[:16]
+    stamp = fingerprint(data, *([mix] if mix else []), base_model / "config.json", extra=[params.model_dump(), str(base_model.resolve())])[:16]
     state = process_state()
     if state.is_main_process:  # one process tidies the checkpoint folder, the others wait
         prepare_checkpoint_dir(ckpt_dir, stamp, params.resume)
@@ -394,7 +399,8 @@ def finetune(
     run_share = 1.0 - (_step_of(resume_from) if resume_from else 0) / max(trainer.state.global_step, 1)
     metrics: dict[str, Any] = {
         "dtype": "bf16 mixed" if bf16 else "fp16 mixed" if fp16 else "fp32",
-        "train_records": len(examples),
+        "train_records": len(records),  # the selection's; the mix's below
+        "mix_records": len(mix_records),
         "train_tokens": n_tokens,
         "answer_tokens": n_answer,
         "train_loss": round(float(output.training_loss), 6),
@@ -417,6 +423,15 @@ def finetune(
         metrics["first_loss"] or float("nan"), metrics["final_loss"] or float("nan"),
     )
     return FinetuneResult(metrics, steps, final)
+
+
+def _read_valid(path: Path, image_root: str | Path) -> list[dict[str, Any]]:
+    """The LLaVA records of `path`; the first bad one is an error naming the file and record."""
+    records = read_records_strict(path)
+    problems = validate_records(records, str(path), image_root=image_root, check_images=False)
+    if problems:
+        raise DataError(str(problems[0]) + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return records
 
 
 def _step_of(checkpoint: Path) -> int:
