@@ -7,10 +7,11 @@ evaluate it on a benchmark slice, outside the pipeline (no scoring or restyle ne
         --set evaluate.likelihood_span=start --set evaluate.likelihood_prior=no_image
 
 Demo only. Methods: oracle (per task, a seeded shuffle, then the records the demo oracle marks
-clean first), random (the seeded shuffle), all (the whole pool), base (no fine-tune). The
+clean first), defective (the records it marks defective first: a lower bound), random (the seeded shuffle), all (the whole pool), base (no fine-tune). The
 benchmark slice is the first --per-type questions of each vqa type and --pope-per-answer
 present and absent POPE probes of the benchmark folder. Params come from params.yaml with base
-pointed at the pool and the checkpoint, and any --set SECTION.KEY=YAML. Prints one JSON row
+pointed at the pool and the checkpoint, and any --set SECTION.KEY=YAML. Every fine-tune also trains on finetune.mix
+(by default the pool folder's vqa_mix.json; --mix none for the subset alone). Prints one JSON row
 (evaluate's metrics, the subset's clean share, seconds) and appends it to --results.
 """
 
@@ -38,8 +39,8 @@ def subset(pool: list[dict], oracle: dict[str, bool], method: str, seed: int, pe
     for task, recs in sorted(by_task.items()):
         recs = list(recs)
         random.Random(f"{seed}:{task}").shuffle(recs)
-        if method == "oracle":
-            recs.sort(key=lambda r: not oracle[r["id"]])  # stable: clean first, shuffled within
+        if method in ("oracle", "defective"):  # stable: clean (defective) first, shuffled within
+            recs.sort(key=lambda r: oracle[r["id"]] == (method == "defective"))
         out += recs if method == "all" else recs[:per_task]
     return out
 
@@ -57,7 +58,7 @@ def bench_slice(src: Path, dst: Path, per_type: int, pope_per_answer: int) -> No
 @click.command()
 @click.option("--pool-dir", default="data/synthesize", show_default=True, type=click.Path(path_type=Path),
               help="A synthesize output folder (pool.json, oracle.jsonl, images/).")
-@click.option("--method", type=click.Choice(["oracle", "random", "all", "base"]), required=True)
+@click.option("--method", type=click.Choice(["oracle", "defective", "random", "all", "base"]), required=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--per-task", default=27, show_default=True, help="Records per task type (27 of 300: 9%).")
 @click.option("--base-model", default="models/pretrain", show_default=True, type=click.Path(path_type=Path))
@@ -65,11 +66,13 @@ def bench_slice(src: Path, dst: Path, per_type: int, pope_per_answer: int) -> No
 @click.option("--bench-images", default="data/synthesize/images", show_default=True, type=click.Path(path_type=Path))
 @click.option("--per-type", default=50, show_default=True, help="Benchmark questions per vqa type.")
 @click.option("--pope-per-answer", default=50, show_default=True)
+@click.option("--mix", default=None, help="finetune.mix: records added to every fine-tune's subset "
+              "[default: vqa_mix.json of --pool-dir]; 'none' for the subset alone.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=YAML", help="Override a param.")
 @click.option("--out-dir", required=True, type=click.Path(path_type=Path))
 @click.option("--results", default=".cache/probe/results.jsonl", show_default=True, type=click.Path(path_type=Path))
 def main(pool_dir: Path, method: str, seed: int, per_task: int, base_model: Path, bench_dir: Path,
-         bench_images: Path, per_type: int, pope_per_answer: int, sets: tuple[str, ...], out_dir: Path,
+         bench_images: Path, per_type: int, pope_per_answer: int, mix: str | None, sets: tuple[str, ...], out_dir: Path,
          results: Path) -> None:
     """Fine-tune on one subset (or none) and evaluate; print and append one result row."""
     with user_errors():
@@ -79,7 +82,8 @@ def main(pool_dir: Path, method: str, seed: int, per_task: int, base_model: Path
         params = yaml.safe_load(Path("params.yaml").read_text())
         params["base"].update(pool=str(pool_dir / "pool.json"), image_root=str(pool_dir / "images"),
                               base_model=str(base_model))
-        params["finetune"].update(checkpoint_dir=str(out_dir / "checkpoints"), resume=False, seed=seed)
+        params["finetune"].update(checkpoint_dir=str(out_dir / "checkpoints"), resume=False, seed=seed,
+                                  mix=None if mix == "none" else mix or str(pool_dir / "vqa_mix.json"))
         params["evaluate"].update(vqa_file=str(out_dir / "bench/vqa.jsonl"), pope_file=str(out_dir / "bench/pope.jsonl"),
                                   image_root=str(bench_images))
         for s in sets:
@@ -104,6 +108,8 @@ def main(pool_dir: Path, method: str, seed: int, per_task: int, base_model: Path
         t1 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "stages.evaluate", *common, "--model", str(model),
                         "--out-dir", str(out_dir / "eval")], env=env, check=True)
+        if method != "base":
+            row.update(mix_records=json.loads((out_dir / "finetune.json").read_text())["mix_records"])
         metrics = json.loads((out_dir / "evaluate.json").read_text())
         row.update({k: v for k, v in metrics.items() if k.startswith(("benchmark", "pope"))})
         row.update(finetune_s=round(t1 - t0), evaluate_s=round(time.perf_counter() - t1))
