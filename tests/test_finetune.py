@@ -283,7 +283,7 @@ def _write_params(tmp_path, tiny_llava, image_root, **finetune_kw) -> Path:
     data["base"].update(base_model=str(tiny_llava), image_root=str(image_root))
     data["finetune"].update(
         max_steps=3, per_device_train_batch_size=4, lora_r=4, lora_alpha=8,
-        checkpoint_dir=str(tmp_path / "ckpt"), layers_to_transform=[-1], **finetune_kw
+        checkpoint_dir=str(tmp_path / "ckpt"), layers_to_transform=[-1], **{"mix": None, **finetune_kw}
     )
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data))

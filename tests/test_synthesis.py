@@ -38,14 +38,17 @@ def _run(tmp_path: Path, out: Path, **section):
                                      "--metrics-dir", str(tmp_path / "metrics")])
 
 
+MIX = 6  # vqa_mix records in the test world (the default is none)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("synth")
     mp = pytest.MonkeyPatch()
     mp.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
-    res = _run(tmp, tmp / "a")
+    res = _run(tmp, tmp / "a", vqa_mix=MIX)
     assert res.exit_code == 0, res.output
-    res2 = _run(tmp, tmp / "b")
+    res2 = _run(tmp, tmp / "b", vqa_mix=MIX)
     assert res2.exit_code == 0, res2.output
     mp.undo()
     return tmp
@@ -92,7 +95,7 @@ def test_metrics_keys(world):
     for key in ("groups", "candidates", "strict_pairs", "tie_rate"):
         assert key in m["annotations"]
     assert m["benchmark"]["pope"] == TINY_WORLD["benchmark_pope"]
-    assert m["vqa_mix"] == TINY_WORLD["vqa_mix"]
+    assert m["vqa_mix"] == MIX
     assert 0 <= m["truth_pixel_qa_disagreements"] <= 2  # a few tiny shapes fool the fill ratio
 
 
@@ -202,7 +205,7 @@ def _mix_checks(out: Path) -> list[dict]:
     """The mix's records: valid, on train images no pool record or benchmark question uses, three
     short-answer turns each in a shuffled order; returned for the kind's own checks."""
     mix = read_records_strict(out / "vqa_mix.json")
-    assert len(mix) == TINY_WORLD["vqa_mix"] and not validate_records(mix, "vqa_mix.json", image_root=out / "images")
+    assert len(mix) == MIX and not validate_records(mix, "vqa_mix.json", image_root=out / "images")
     pool_images = {r["image"] for r in read_records_strict(out / "pool.json")}
     bench = read_jsonl_strict(out / "benchmark" / "vqa.jsonl") + read_jsonl_strict(out / "benchmark" / "pope.jsonl")
     assert not {r["image"] for r in mix} & (pool_images | {r["image"] for r in bench})
@@ -233,7 +236,7 @@ def test_easy_vqa_mix_is_easy_vqas_own_qa(world):
 
 def test_layout_mix_teaches_the_short_form_without_the_benchmarks_facts(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
-    res = _run(tmp_path, tmp_path / "o", vqa_mix_kind="layout")
+    res = _run(tmp_path, tmp_path / "o", vqa_mix=MIX, vqa_mix_kind="layout")
     assert res.exit_code == 0, res.output
     for r in _mix_checks(tmp_path / "o"):
         _, _, position, size = measure_image(tmp_path / "o" / "images" / r["image"])
