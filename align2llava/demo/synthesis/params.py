@@ -47,8 +47,8 @@ class SynthesizeParams(Section):
     benchmark_vqa_per_type: int = Field(100, ge=0)
     benchmark_pope: int = Field(200, ge=0)
     captions: int = Field(4000, ge=0)  # train images captioned for pretraining (at most 4,000)
-    # short-answer records on train images outside the pool, on position and size only: the
-    # fine-tuning mix's fixed part (vqa_mix.json), never curated
+    # short-answer records on train images outside the pool: the fine-tuning mix's fixed part
+    # (vqa_mix.json), never curated
     vqa_mix: int = Field(0, ge=0)
     # easy_vqa: easy-vqa's own QA (shape, colour, yes/no: the benchmark's facts); layout: where
     # the shape is and how large (none of them)

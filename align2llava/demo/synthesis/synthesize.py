@@ -144,13 +144,11 @@ def easy_vqa_mix(qa: list[tuple[str, str, int]], exclude: set[int], n: int, seed
     for i in sorted(ids[:n]):
         types = ["shape", "color", "yes_no"]
         rng.shuffle(types)
-        turns = []
-        for k, typ in enumerate(types):
+        qa_pairs = []
+        for typ in types:
             q, a = rng.choice(by_image[i][typ])
-            text = q[0].upper() + q[1:] + "\n" + SHORT_ANSWER
-            turns += [{"from": "human", "value": "<image>\n" + text if k == 0 else text},
-                      {"from": "gpt", "value": a.capitalize()}]
-        out.append({"id": f"mix-{i:06d}", "image": f"train/{i}.png", "conversations": turns})
+            qa_pairs.append((q[0].upper() + q[1:], a.capitalize()))
+        out.append(_short_answer_record(i, f"train/{i}.png", qa_pairs))
     return out
 
 
@@ -163,8 +161,8 @@ def layout_mix(truths: dict[int, Truth], seed: int) -> list[dict[str, Any]]:
         t = truths[i]
         kinds = list(MIX_QUESTIONS)
         rng.shuffle(kinds)
-        turns = []
-        for k, kind in enumerate(kinds):
+        qa_pairs = []
+        for kind in kinds:
             q = rng.choice(MIX_QUESTIONS[kind])
             if kind == "side":  # half the time a side the shape is on, else one it is not on
                 on = [x for x in SIDES if x in t.position.split()]
@@ -172,10 +170,18 @@ def layout_mix(truths: dict[int, Truth], seed: int) -> list[dict[str, Any]]:
                 q, a = q.format(side=side), "Yes" if side in on else "No"
             else:
                 a = (t.position if kind == "position" else t.size).capitalize()
-            text = f"{q}\n{SHORT_ANSWER}"
-            turns += [{"from": "human", "value": "<image>\n" + text if k == 0 else text}, {"from": "gpt", "value": a}]
-        out.append({"id": f"mix-{i:06d}", "image": t.image, "conversations": turns})
+            qa_pairs.append((q, a))
+        out.append(_short_answer_record(i, t.image, qa_pairs))
     return out
+
+
+def _short_answer_record(image_id: int, image: str, qa_pairs: list[tuple[str, str]]) -> dict[str, Any]:
+    """A mix record: each question followed by the short-answer instruction, `<image>` first."""
+    turns = []
+    for k, (q, a) in enumerate(qa_pairs):
+        text = f"{q}\n{SHORT_ANSWER}"
+        turns += [{"from": "human", "value": "<image>\n" + text if k == 0 else text}, {"from": "gpt", "value": a}]
+    return {"id": f"mix-{image_id:06d}", "image": image, "conversations": turns}
 
 
 # ------------------------------------------------------------------------------- the stage

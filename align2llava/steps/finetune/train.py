@@ -257,7 +257,7 @@ def finetune(
     if params.mode == "none":
         save_model(model, processor, out_dir)
         log.info("mode none: %s saved unchanged to %s (no training)", base_model, out_dir)
-        metrics = {"train_records": 0, "steps": 0, "train_loss": None, "first_loss": None,
+        metrics = {"train_records": 0, "mix_records": 0, "steps": 0, "train_loss": None, "first_loss": None,
                    "final_loss": None, "train_seconds": 0.0, **peak_memory_mb()}
         return FinetuneResult(metrics, [], model)
     examples = [e for recs, f in ((records, data), (mix_records, mix)) if recs
