@@ -31,7 +31,9 @@ import yaml
 from align2llava.ops.clikit import user_errors
 
 
-def subset(pool: list[dict], oracle: dict[str, bool], method: str, seed: int, per_task: int) -> list[dict]:
+def subset(pool: list[dict], oracle: dict[str, bool], method: str, seed: int, per_task: int,
+           keep_ratio: float | None = None) -> list[dict]:
+    """Per task: `per_task` records, or round(keep_ratio x the task's records) (half up) when set."""
     by_task: dict[str, list[dict]] = {}
     for r in pool:
         by_task.setdefault(r["task"], []).append(r)
@@ -41,7 +43,8 @@ def subset(pool: list[dict], oracle: dict[str, bool], method: str, seed: int, pe
         random.Random(f"{seed}:{task}").shuffle(recs)
         if method in ("oracle", "defective"):  # stable: clean (defective) first, shuffled within
             recs.sort(key=lambda r: oracle[r["id"]] == (method == "defective"))
-        out += recs if method == "all" else recs[:per_task]
+        n = per_task if keep_ratio is None else int(keep_ratio * len(recs) + 0.5)
+        out += recs if method == "all" else recs[:n]
     return out
 
 
@@ -61,6 +64,8 @@ def bench_slice(src: Path, dst: Path, per_type: int, pope_per_answer: int) -> No
 @click.option("--method", type=click.Choice(["oracle", "defective", "random", "all", "base"]), required=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--per-task", default=27, show_default=True, help="Records per task type (27 of 300: 9%).")
+@click.option("--keep-ratio", type=float, default=None,
+              help="Per task, this share of its records (half up), instead of --per-task (pools of unequal tasks).")
 @click.option("--base-model", default="models/pretrain", show_default=True, type=click.Path(path_type=Path))
 @click.option("--bench-dir", default="data/synthesize/benchmark", show_default=True, type=click.Path(path_type=Path))
 @click.option("--bench-images", default="data/synthesize/images", show_default=True, type=click.Path(path_type=Path))
@@ -71,7 +76,7 @@ def bench_slice(src: Path, dst: Path, per_type: int, pope_per_answer: int) -> No
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=YAML", help="Override a param.")
 @click.option("--out-dir", required=True, type=click.Path(path_type=Path))
 @click.option("--results", default=".cache/probe/results.jsonl", show_default=True, type=click.Path(path_type=Path))
-def main(pool_dir: Path, method: str, seed: int, per_task: int, base_model: Path, bench_dir: Path,
+def main(pool_dir: Path, method: str, seed: int, per_task: int, keep_ratio: float | None, base_model: Path, bench_dir: Path,
          bench_images: Path, per_type: int, pope_per_answer: int, mix: str | None, sets: tuple[str, ...], out_dir: Path,
          results: Path) -> None:
     """Fine-tune on one subset (or none) and evaluate; print and append one result row."""
@@ -99,7 +104,7 @@ def main(pool_dir: Path, method: str, seed: int, per_task: int, base_model: Path
         if method != "base":
             pool = json.loads((pool_dir / "pool.json").read_text())
             oracle = {r["id"]: not r["defects"] for r in map(json.loads, (pool_dir / "oracle.jsonl").read_text().splitlines())}
-            chosen = subset(pool, oracle, method, seed, per_task)
+            chosen = subset(pool, oracle, method, seed, per_task, keep_ratio)
             (out_dir / "subset.json").write_text(json.dumps(chosen))
             row.update(records=len(chosen), clean_share=round(sum(oracle[r["id"]] for r in chosen) / len(chosen), 3))
             model = out_dir / "model"

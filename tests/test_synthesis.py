@@ -353,3 +353,21 @@ def test_a_vqa_mix_larger_than_the_images_left_is_a_one_line_error(tmp_path, mon
     res = _run(tmp_path, tmp_path / "o", vqa_mix=4000)
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert res.output.startswith("Error: synthesize.vqa_mix: 4,000 records asked") and res.output.count("\n") == 1
+
+
+def test_pool_sizes_set_a_tasks_count_and_leave_the_others(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
+    res = _run(tmp_path, tmp_path / "o", pool_sizes={"vqa": 13})
+    assert res.exit_code == 0, res.output
+    pool = read_records_strict(tmp_path / "o" / "pool.json")
+    assert Counter(r["task"] for r in pool) == {**{t: TINY_WORLD["pool_per_task"] for t in TASKS}, "vqa": 13}
+    assert len({r["image"] for r in pool}) == len(pool)  # one image per record, whatever the sizes
+    assert json.loads((tmp_path / "metrics" / "synthesize.json").read_text())["pool"]["vqa"] == 13
+
+
+def test_a_pool_larger_than_easy_vqas_train_split_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
+    res = _run(tmp_path, tmp_path / "o", pool_sizes={"vqa": 3990})
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.startswith("Error: synthesize.pool_per_task / pool_sizes: 4,014 pool images needed")
+    assert res.output.count("\n") == 1

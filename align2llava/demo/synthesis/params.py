@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveInt
 
 from align2llava.config import Section
 
@@ -34,6 +34,8 @@ class SynthesizeParams(Section):
     """The `synthesize:` section of params.yaml."""
 
     pool_per_task: int = Field(300, ge=1)
+    # per-task counts that replace pool_per_task for those tasks ({vqa: 1500}); {}: none
+    pool_sizes: dict[Literal["conversation", "detail", "complex_reasoning", "vqa"], PositiveInt] = {}
     defect_rates: DefectRates = DefectRates()
     # vqa records (short answers): the chance each one-word answer is the writer's wrong guess
     vqa_wrong_rate: float = Field(0.25, ge=0, le=1)
@@ -53,3 +55,7 @@ class SynthesizeParams(Section):
     # easy_vqa: easy-vqa's own QA (shape, colour, yes/no: the benchmark's facts); layout: where
     # the shape is and how large (none of them)
     vqa_mix_kind: Literal["easy_vqa", "layout"] = "easy_vqa"
+
+    def task_sizes(self) -> dict[str, int]:
+        """Pool records per task type, in `TASKS` order."""
+        return {t: self.pool_sizes.get(t, self.pool_per_task) for t in TASKS}

@@ -7,7 +7,7 @@ easy-vqa (MIT, on PyPI) ships 64x64 images of one shape (circle, rectangle, tria
 - `pool.json`: LLaVA records with an extra `"task"` (`conversation`: 2-3 turns; `detail`;
   `complex_reasoning`; `vqa`: 3-5 short-answer turns, as in LLaVA-1.5's mix, each question
   ending "Answer the question using a single word or phrase."), one train image each, ids
-  `evqa-<image:06d>-<task>`. They are written as a text-only generator writes from a caption
+  `evqa-<image:06d>-<task>`, `pool_per_task` of each task (`pool_sizes` sets a task's own count). They are written as a text-only generator writes from a caption
   (verbose, "Certainly! In the image, ..."; one word for `vqa`), with defects at the rates of
   `SynthesizeParams.defect_rates` (`vqa`: each answer wrong with `vqa_wrong_rate`).
 - `oracle.jsonl`: which defects each record carries (for diagnosis; no curation stage reads it).
@@ -218,9 +218,11 @@ def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
     out, source = Path(out_dir), Path(source) if source else easy_vqa_dir()
     train_images, train_qa = read_split(source, "train")
     test_images, test_qa = read_split(source, "test")
-    n_pool = p.pool_per_task * len(TASKS)
+    sizes = p.task_sizes()
+    n_pool = sum(sizes.values())
     if n_pool > len(train_images):
-        raise DataError(f"synthesize.pool_per_task: {n_pool:,} pool images needed, {len(train_images):,} available")
+        raise DataError(f"synthesize.pool_per_task / pool_sizes: {n_pool:,} pool images needed, "
+                        f"{len(train_images):,} available")
     train_ids = sorted(train_images)
     pool_ids = list(train_ids)
     random.Random(f"{seed}:pool").shuffle(pool_ids)
@@ -229,8 +231,10 @@ def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
     truths, mism = load_truths("train", sorted(set(pool_ids) | set(cap_ids)), qa_facts(train_qa),
                                train_images)
     items = []
-    for k, task in enumerate(TASKS):
-        block = sorted(pool_ids[k * p.pool_per_task: (k + 1) * p.pool_per_task])
+    start_at = 0
+    for task in TASKS:
+        block = sorted(pool_ids[start_at: start_at + sizes[task]])
+        start_at += sizes[task]
         items += [make_item(task, truths[i], seed, p.defect_rates, p.vqa_wrong_rate, p.guesses) for i in block]
     rng = random.Random(f"{seed}:annotated")
     annotated = []
