@@ -371,3 +371,37 @@ def test_a_pool_larger_than_easy_vqas_train_split_is_a_one_line_error(tmp_path, 
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert res.output.startswith("Error: synthesize.pool_per_task / pool_sizes: 4,014 pool images needed")
     assert res.output.count("\n") == 1
+
+
+def test_easy_vqa_wording_asks_easy_vqas_questions_and_errs_like_the_writer(tmp_path, monkeypatch):
+    from align2llava.demo.synthesis.world import easy_vqa_dir, read_split
+
+    monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
+    res = _run(tmp_path, tmp_path / "o", vqa_wording="easy_vqa", pool_sizes={"vqa": 60}, vqa_wrong_rate=0.3)
+    assert res.exit_code == 0, res.output
+    _, qa = read_split(easy_vqa_dir(), "train")
+    own = {(q.lower(), a, i) for q, a, i in qa}
+    oracle = {o["id"]: o for o in read_jsonl_strict(tmp_path / "o" / "oracle.jsonl")}
+    asked = right = wrong = wrong_yes_no = wrong_yes = 0
+    for r in (r for r in read_records_strict(tmp_path / "o" / "pool.json") if r["task"] == "vqa"):
+        i = int(r["image"].removeprefix("train/").removesuffix(".png"))
+        turns = r["conversations"]
+        assert 3 <= len(turns) // 2 <= 5
+        questions = [h["value"].replace("<image>\n", "").replace("\n<image>", "") for h in turns[::2]]
+        assert len(set(questions)) == len(questions)
+        for k, (q, g) in enumerate(zip(questions, turns[1::2])):
+            q = q.removesuffix("\nAnswer the question using a single word or phrase.")
+            truth = {a for qq, a, ii in own if qq == q.lower() and ii == i}
+            if not truth:  # the image has no easy-vqa question of this kind left: the writer's own
+                continue
+            asked += 1
+            assert q[0].isupper() and not {"not", "no"} & set(_words(q))
+            marked = str(k) in oracle[r["id"]]["turn_defects"]
+            assert (g["value"].lower() in truth) != marked, (r["id"], q, g["value"], truth)
+            right += not marked
+            wrong += marked
+            wrong_yes_no += marked and g["value"] in ("Yes", "No")
+            wrong_yes += marked and g["value"] == "Yes"
+    assert asked >= 0.8 * 60 * 3  # most turns are easy-vqa's questions
+    assert 0.2 < wrong / asked < 0.4
+    assert wrong_yes_no and wrong_yes / wrong_yes_no > 0.8  # a wrong yes/no is mostly a "yes" to an absent thing

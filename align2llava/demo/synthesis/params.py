@@ -39,6 +39,8 @@ class SynthesizeParams(Section):
     defect_rates: DefectRates = DefectRates()
     # vqa records (short answers): the chance each one-word answer is the writer's wrong guess
     vqa_wrong_rate: float = Field(0.25, ge=0, le=1)
+    # vqa records' questions: the writer's own wording, or easy-vqa's own questions about that image
+    vqa_wording: Literal["writer", "easy_vqa"] = "writer"
     # a hallucinated colour or shape: drawn from the writer's prior, or always its favourite
     guesses: Literal["sampled", "favourite"] = "sampled"
     annotate_fraction: float = Field(0.10, ge=0, le=1)  # share of pool records annotated

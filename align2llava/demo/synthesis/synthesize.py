@@ -65,7 +65,27 @@ from align2llava.steps.annotations.tasks import labeling_config
 if TYPE_CHECKING:
     from align2llava.demo.synthesis.params import SynthesizeParams
     from align2llava.demo.synthesis.world import Truth
-    from align2llava.demo.synthesis.writer import Item
+    from align2llava.demo.synthesis.writer import Item, Wording
+
+
+# ---------------------------------------------------------------------------- easy-vqa's QA
+def _qa_type(answer: str) -> str:
+    return "shape" if answer in SHAPES else "color" if answer in COLORS else "yes_no"
+
+
+def easy_vqa_wording(qa: list[tuple[str, str, int]]) -> dict[int, Wording]:
+    """easy-vqa's own questions per image and kind, as the pool's vqa records ask them
+    (`vqa_wording: easy_vqa`): capitalised, negated yes/no questions left out (as the benchmark
+    leaves them out), each yes/no with the shape or colour it asks about."""
+    out: dict[int, Wording] = {}
+    for q, a, i in sorted(qa, key=lambda x: (x[2], x[0], x[1])):
+        typ, words = _qa_type(a), _words(q)
+        if typ == "yes_no" and {"not", "no"} & set(words):
+            continue
+        probe = next((w for w in words if w in SHAPES or w in COLORS), "") if typ == "yes_no" else ""
+        out.setdefault(i, {}).setdefault(typ, []).append((q[0].upper() + q[1:], probe))
+    return out
+
 
 # ------------------------------------------------------------------- benchmark and captions
 def build_benchmark(qa: list[tuple[str, str, int]], images: dict[int, Path], p: SynthesizeParams,
@@ -80,7 +100,7 @@ def build_benchmark(qa: list[tuple[str, str, int]], images: dict[int, Path], p: 
     picked: dict[str, list[tuple[str, str, int]]] = {"shape": [], "color": [], "yes_no": []}
     seen: dict[str, set[int]] = {k: set() for k in picked}
     for q, a, i in order:
-        typ = "shape" if a in SHAPES else "color" if a in COLORS else "yes_no"
+        typ = _qa_type(a)
         if typ == "yes_no" and {"not", "no"} & set(_words(q)):
             continue
         want = p.benchmark_vqa_per_type
@@ -132,7 +152,7 @@ def easy_vqa_mix(qa: list[tuple[str, str, int]], exclude: set[int], n: int, seed
     by_image: dict[int, dict[str, list[tuple[str, str]]]] = {}
     for q, a, i in sorted(qa, key=lambda x: (x[2], x[0], x[1])):
         if i not in exclude:
-            typ = "shape" if a in SHAPES else "color" if a in COLORS else "yes_no"
+            typ = _qa_type(a)
             by_image.setdefault(i, {}).setdefault(typ, []).append((q, a))
     ids = [i for i in sorted(by_image) if len(by_image[i]) == 3]
     if n > len(ids):
@@ -232,10 +252,12 @@ def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
                                train_images)
     items = []
     start_at = 0
+    wording = easy_vqa_wording(train_qa) if p.vqa_wording == "easy_vqa" else None
     for task in TASKS:
         block = sorted(pool_ids[start_at: start_at + sizes[task]])
         start_at += sizes[task]
-        items += [make_item(task, truths[i], seed, p.defect_rates, p.vqa_wrong_rate, p.guesses) for i in block]
+        items += [make_item(task, truths[i], seed, p.defect_rates, p.vqa_wrong_rate, p.guesses,
+                            None if wording is None else wording.get(i, {})) for i in block]
     rng = random.Random(f"{seed}:annotated")
     annotated = []
     for task in TASKS:

@@ -230,13 +230,14 @@ def short_answer(kind: str, t: Truth, probe: str = "", flip: bool = False) -> st
 
 
 def make_turn(kind: str, rng: random.Random, t: Truth, defect: str | None = None, short: bool = False,
-              guesses: str = "sampled") -> Turn:
+              guesses: str = "sampled", asked: tuple[str, str] | None = None) -> Turn:
     """One QA turn of `kind`, carrying `defect` (None: clean).
 
     short: a short-answer VQA turn (kinds color, shape, yes_no): the question ends with
     SHORT_ANSWER and the answer is one word. A hallucinated colour or shape is the writer's
     guess (`guess`, from its prior, `guesses` says how); a wrong yes/no on a presence question affirms an absent
-    shape or colour (text-only writers say yes to what they are asked about).
+    shape or colour (text-only writers say yes to what they are asked about). asked: a given
+    (question, probe) instead of the writer's own wording (`ask`).
     """
     if defect == "generic_question":
         return Turn("generic", rng.choice(GENERIC_Q), rng.choice(GENERIC_A))
@@ -248,13 +249,16 @@ def make_turn(kind: str, rng: random.Random, t: Truth, defect: str | None = None
                         f"background.")
         q, a = rng.choice(UNANSWERABLE)
         return Turn("unanswerable", q, a.format(color=t.color, shape=t.shape))
-    probe = _probe(rng, t) if kind in ("yes_no", "verify") else ""
-    if kind == "verify":
-        probe = t.shape if rng.random() < 0.5 else _other(rng, SHAPES, t.shape)
-    if defect == "wrong_yes_no" and kind in ("yes_no", "verify"):  # a "yes" where the truth is no
-        absent = [s for s in SHAPES if s != t.shape] + ([] if kind == "verify" else [c for c in COLORS if c != t.color])
-        probe = rng.choice(absent)
-    q = ask(kind, rng, t, probe)
+    if asked:
+        q, probe = asked
+    else:
+        probe = _probe(rng, t) if kind in ("yes_no", "verify") else ""
+        if kind == "verify":
+            probe = t.shape if rng.random() < 0.5 else _other(rng, SHAPES, t.shape)
+        if defect == "wrong_yes_no" and kind in ("yes_no", "verify"):  # a "yes" where the truth is no
+            absent = [s for s in SHAPES if s != t.shape] + ([] if kind == "verify" else [c for c in COLORS if c != t.color])
+            probe = rng.choice(absent)
+        q = ask(kind, rng, t, probe)
     view, flip, style = t, False, "verbose"
     if defect == "hallucinated_color":
         view = replace(t, color=guess(rng, COLOR_PRIOR, t.color, guesses))
@@ -284,12 +288,13 @@ def draw_defects(rng: random.Random, task: str, rates: DefectRates) -> list[str]
 
 
 def make_item(task: str, t: Truth, seed: int, rates: DefectRates, vqa_wrong_rate: float = 0.25,
-              guesses: str = "sampled") -> Item:
-    """One pool record of `task` about image `t`; `vqa` records take `vqa_wrong_rate` per turn;
-    hallucinated values are the writer's guesses, `guesses` says how (`guess`)."""
+              guesses: str = "sampled", wording: Wording | None = None) -> Item:
+    """One pool record of `task` about image `t`; `vqa` records take `vqa_wrong_rate` per turn
+    and ask `wording`'s questions when given; hallucinated values are the writer's guesses,
+    `guesses` says how (`guess`)."""
     rng = random.Random(f"{seed}:{task}:{t.image_id}")
     if task == "vqa":
-        return _vqa_item(rng, t, vqa_wrong_rate, guesses)
+        return _vqa_item(rng, t, vqa_wrong_rate, guesses, wording)
     defects = draw_defects(rng, task, rates)
     rng.shuffle(defects)
     n = (rng.choice((2, 3)) if task == "conversation" else 1)
@@ -315,23 +320,42 @@ def make_item(task: str, t: Truth, seed: int, rates: DefectRates, vqa_wrong_rate
 WRONG = {"color": "hallucinated_color", "shape": "hallucinated_shape", "yes_no": "wrong_yes_no"}
 
 
-def _vqa_item(rng: random.Random, t: Truth, wrong_rate: float, guesses: str = "sampled") -> Item:
+# Questions someone else wrote about one image, per VQA kind: (question, probe) pairs, the probe
+# being the shape or colour a yes/no question asks about ("" for the others).
+Wording = dict[str, list[tuple[str, str]]]
+
+
+def _vqa_item(rng: random.Random, t: Truth, wrong_rate: float, guesses: str = "sampled",
+              wording: Wording | None = None) -> Item:
     """A short-answer VQA record (LLaVA-1.5's mix): 3-5 one-word QA turns about one image, each
-    answer wrong with probability `wrong_rate` (the writer's guess, see `make_turn`)."""
+    answer wrong with probability `wrong_rate` (the writer's guess, see `make_turn`).
+
+    wording: ask these questions (each at most once; a kind with none left takes the writer's
+    own) instead of the writer's; a wrong yes/no then answers one about an absent shape or colour
+    where there is one.
+    """
     kinds = list(VQA_KINDS)
     rng.shuffle(kinds)
     kinds += ["yes_no"] * (rng.choice((3, 4, 5)) - len(kinds))
     turns, turn_defects, asked = [], {}, set()
-    for k, kind in enumerate(kinds):
+    for kind in kinds:
         d = WRONG[kind] if rng.random() < wrong_rate else None
-        for _ in range(8):  # a different question each turn
-            turn = make_turn(kind, rng, t, d, short=True, guesses=guesses)
-            if turn.question not in asked:
-                break
-        asked.add(turn.question)
-        turns.append(turn)
+        options = [x for x in (wording or {}).get(kind, []) if x[0] not in asked]
+        if options:
+            if d == "wrong_yes_no":  # the writer's "yes" to what it is asked about
+                options = [x for x in options if not _present(t, x[1])] or options
+            pick = rng.choice(options)
+            asked.add(pick[0])
+            turn = make_turn(kind, rng, t, d, short=True, guesses=guesses, asked=pick)
+        else:
+            for _ in range(8):  # a different question each turn
+                turn = make_turn(kind, rng, t, d, short=True, guesses=guesses)
+                if turn.question not in asked:
+                    break
+            asked.add(turn.question)
         if d:
-            turn_defects[k] = [d]
+            turn_defects[len(turns)] = [d]
+        turns.append(turn)
     return _item(rng, "vqa", t, turns, turn_defects)
 
 
