@@ -383,6 +383,7 @@ def test_easy_vqa_wording_asks_easy_vqas_questions_and_errs_like_the_writer(tmp_
     own = {(q.lower(), a, i) for q, a, i in qa}
     oracle = {o["id"]: o for o in read_jsonl_strict(tmp_path / "o" / "oracle.jsonl")}
     asked = right = wrong = wrong_yes_no = wrong_yes = 0
+    clean_yes_no: Counter = Counter()
     for r in (r for r in read_records_strict(tmp_path / "o" / "pool.json") if r["task"] == "vqa"):
         i = int(r["image"].removeprefix("train/").removesuffix(".png"))
         turns = r["conversations"]
@@ -391,6 +392,8 @@ def test_easy_vqa_wording_asks_easy_vqas_questions_and_errs_like_the_writer(tmp_
         assert len(set(questions)) == len(questions)
         for k, (q, g) in enumerate(zip(questions, turns[1::2])):
             q = q.removesuffix("\nAnswer the question using a single word or phrase.")
+            if g["value"] in ("Yes", "No") and str(k) not in oracle[r["id"]]["turn_defects"]:
+                clean_yes_no[g["value"]] += 1
             truth = {a for qq, a, ii in own if qq == q.lower() and ii == i}
             if not truth:  # the image has no easy-vqa question of this kind left: the writer's own
                 continue
@@ -405,3 +408,4 @@ def test_easy_vqa_wording_asks_easy_vqas_questions_and_errs_like_the_writer(tmp_
     assert asked >= 0.8 * 60 * 3  # most turns are easy-vqa's questions
     assert 0.2 < wrong / asked < 0.4
     assert wrong_yes_no and wrong_yes / wrong_yes_no > 0.8  # a wrong yes/no is mostly a "yes" to an absent thing
+    assert 0.35 < clean_yes_no["Yes"] / sum(clean_yes_no.values()) < 0.65  # right ones: present and absent alike

@@ -331,8 +331,9 @@ def _vqa_item(rng: random.Random, t: Truth, wrong_rate: float, guesses: str = "s
     answer wrong with probability `wrong_rate` (the writer's guess, see `make_turn`).
 
     wording: ask these questions (each at most once; a kind with none left takes the writer's
-    own) instead of the writer's; a wrong yes/no then answers one about an absent shape or colour
-    where there is one.
+    own) instead of the writer's; a yes/no asks about a present shape or colour half the time
+    (the writer asks one where easy-vqa has none left), a wrong one about an absent one where
+    there is one, answered "Yes".
     """
     kinds = list(VQA_KINDS)
     rng.shuffle(kinds)
@@ -344,6 +345,14 @@ def _vqa_item(rng: random.Random, t: Truth, wrong_rate: float, guesses: str = "s
         if options:
             if d == "wrong_yes_no":  # the writer's "yes" to what it is asked about
                 options = [x for x in options if not _present(t, x[1])] or options
+            elif kind == "yes_no":  # about a present thing half the time, as the writer's own are
+                want = rng.random() < 0.5
+                options = [x for x in options if _present(t, x[1]) == want]
+                for _ in range(0 if options else 8):  # easy-vqa has none left of that answer: the writer asks
+                    probe = rng.choice((t.shape, t.color)) if want else _probe(rng, t)
+                    options = [(ask(kind, rng, t, probe), probe)]
+                    if options[0][0] not in asked:
+                        break
             pick = rng.choice(options)
             asked.add(pick[0])
             turn = make_turn(kind, rng, t, d, short=True, guesses=guesses, asked=pick)
