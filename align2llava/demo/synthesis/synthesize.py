@@ -7,9 +7,12 @@ easy-vqa (MIT, on PyPI) ships 64x64 images of one shape (circle, rectangle, tria
 - `pool.json`: LLaVA records with an extra `"task"` (`conversation`: 2-3 turns; `detail`;
   `complex_reasoning`; `vqa`: 3-5 short-answer turns, as in LLaVA-1.5's mix, each question
   ending "Answer the question using a single word or phrase."), one train image each, ids
-  `evqa-<image:06d>-<task>`, `pool_per_task` of each task (`pool_sizes` sets a task's own count). They are written as a text-only generator writes from a caption
-  (verbose, "Certainly! In the image, ..."; one word for `vqa`), with defects at the rates of
-  `SynthesizeParams.defect_rates` (`vqa`: each answer wrong with `vqa_wrong_rate`).
+  `evqa-<image:06d>-<task>`, `pool_per_task` of each task (`pool_sizes` sets a task's own
+  count). They are written as a text-only generator writes from a caption (verbose, "Certainly!
+  In the image, ..."; one word for `vqa`), with defects at the rates of
+  `SynthesizeParams.defect_rates` (`vqa`: each answer wrong with `vqa_wrong_rate`). `vqa`
+  records ask the writer's own questions, or with `vqa_wording: easy_vqa` easy-vqa's own
+  questions about their image (the benchmark's wording), still answered by the writer.
 - `oracle.jsonl`: which defects each record carries (for diagnosis; no curation stage reads it).
 - `annotations/`: candidate question sets and answers for a share of the pool's records, scored
   by a *simulated* annotator (`judge_question`, `judge_answer`) that reads the text and checks it
