@@ -348,20 +348,21 @@ def _vqa_item(rng: random.Random, t: Truth, wrong_rate: float, guesses: str = "s
             elif kind == "yes_no":  # about a present thing half the time, as the writer's own are
                 want = rng.random() < 0.5
                 options = [x for x in options if _present(t, x[1]) == want]
-                for _ in range(0 if options else 8):  # easy-vqa has none left of that answer: the writer asks
-                    probe = rng.choice((t.shape, t.color)) if want else _probe(rng, t)
-                    options = [(ask(kind, rng, t, probe), probe)]
-                    if options[0][0] not in asked:
-                        break
+                if not options:  # easy-vqa has none left of that answer: the writer asks one
+                    for _ in range(8):
+                        probe = rng.choice((t.shape, t.color)) if want else _probe(rng, t)
+                        options = [(ask(kind, rng, t, probe), probe)]
+                        if options[0][0] not in asked:
+                            break
             pick = rng.choice(options)
             asked.add(pick[0])
             turn = make_turn(kind, rng, t, d, short=True, guesses=guesses, asked=pick)
         else:
-            for _ in range(8):  # a different question each turn
+            for _ in range(8):  # a different question each turn (asked holds them without SHORT_ANSWER)
                 turn = make_turn(kind, rng, t, d, short=True, guesses=guesses)
-                if turn.question not in asked:
+                if turn.question.removesuffix(f"\n{SHORT_ANSWER}") not in asked:
                     break
-            asked.add(turn.question)
+            asked.add(turn.question.removesuffix(f"\n{SHORT_ANSWER}"))
         if d:
             turn_defects[len(turns)] = [d]
         turns.append(turn)
