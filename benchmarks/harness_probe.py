@@ -99,7 +99,7 @@ def main(pool_dir: Path, method: str, seed: int, per_task: int, keep_ratio: floa
         env = {**os.environ, "ALIGN2LLAVA_NO_MLFLOW": "1"}
         common = ["--params", str(out_dir / "params.yaml"), "--metrics-dir", str(out_dir)]
         t0 = time.perf_counter()
-        row: dict = {"method": method, "seed": seed, "pool": str(pool_dir), "set": list(sets)}
+        row: dict = {"method": method, "seed": seed, "pool": str(pool_dir), "set": list(sets), "keep_ratio": keep_ratio}
         model = base_model
         if method != "base":
             pool = json.loads((pool_dir / "pool.json").read_text())

@@ -182,6 +182,7 @@ def test_compression_queues_missing_reruns_failed_and_collects(tmp_path):
     assert not result.failed
     md = (tmp_path / "reports" / "compression.md").read_text()
     assert "align2llava compression --ratios 0.09 --seeds 0,1" in md and "| random | 0.09 | 2 |" in md
+    assert "## Harness check" in md and "oracle beats random at 9%" in md and result.checks in md
 
 
 def test_collect_only_runs_nothing_and_fails_clearly_without_results(tmp_path):
@@ -213,3 +214,54 @@ def test_run_cmd_returns_when_the_command_exits_not_when_its_daemon_does():
 def test_run_cmd_failure_names_the_command_and_its_last_lines():
     with pytest.raises(Align2LlavaError, match=r"`sh -c .*` failed \(exit 3\): boom"):
         run_cmd(["sh", "-c", "echo boom >&2; exit 3"])
+
+
+def _rows(method, values, ratio=0.09, yes=0.5):
+    return [{"method": method, "keep_ratio": ratio, "seed": s, "benchmark_accuracy": v, "pope_yes_ratio": yes}
+            for s, v in enumerate(values)]
+
+
+def test_harness_check_oracle_gap_needs_twice_the_combined_spread_and_three_seeds():
+    from align2llava.ops.harness import oracle_vs_random
+
+    clear = oracle_vs_random(_rows("oracle", [0.62, 0.60, 0.64]) + _rows("random", [0.50, 0.52, 0.51]), "benchmark_accuracy")
+    assert clear.passed is True and "gap +0.110" in clear.line()
+    # same means, wide spread: 2 x sqrt(0.1^2 + 0.01^2) > gap
+    noisy = oracle_vs_random(_rows("oracle", [0.52, 0.62, 0.72]) + _rows("random", [0.50, 0.52, 0.51]), "benchmark_accuracy")
+    assert noisy.passed is False
+    # a tiny gap with no spread still needs 0.03
+    assert oracle_vs_random(_rows("oracle", [0.52] * 3) + _rows("random", [0.50] * 3), "benchmark_accuracy").passed is False
+    two = oracle_vs_random(_rows("oracle", [0.62, 0.60]) + _rows("random", [0.50, 0.52]), "benchmark_accuracy")
+    assert two.passed is None and "3 seeds each needed" in two.detail
+    # runs at another ratio do not count
+    assert oracle_vs_random(_rows("oracle", [0.6] * 3, ratio=0.3) + _rows("random", [0.5] * 3), "benchmark_accuracy").passed is None
+
+
+def test_harness_check_full_vs_base_and_pope_yes_ratio():
+    from align2llava.ops.harness import format_checks, harness_checks
+
+    rows = (_rows("full", [0.56, 0.58], ratio=1.0) + _rows("base", [0.50], ratio=0.0, yes=1.0)
+            + _rows("oracle", [0.6], yes=0.1) + _rows("random", [0.5], yes=0.8))
+    oracle, full, pope = harness_checks(rows)
+    assert full.passed is True and "gap +0.070" in full.detail
+    assert harness_checks(_rows("full", [0.52], ratio=1.0) + _rows("base", [0.50], ratio=0.0))[1].passed is False
+    # the base is not fine-tuned: its all-yes does not count; the oracle's 0.1 does, 0.8 is in range
+    assert pope.passed is False and "3 of 4 runs in range" in pope.detail and "oracle seed 0: 0.10" in pope.detail
+    text = format_checks([oracle, full, pope])
+    assert text.count("\n") == 2 and "**not decided**" in text and "**NOT met**" in text
+
+
+def test_harness_summary_reads_probe_rows_and_names_a_bad_line(tmp_path):
+    from benchmarks.harness_summary import main
+
+    f = tmp_path / "runs.jsonl"
+    rows = [{"method": m, "seed": s, "benchmark_accuracy": a, "pope_yes_ratio": 0.5, "records": 10, "finetune_s": 60}
+            for m, s, a in [("oracle", 0, 0.6), ("random", 0, 0.5), ("all", 0, 0.58), ("base", 0, 0.5)]]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = CliRunner().invoke(main, [str(f)])
+    assert out.exit_code == 0, out.output
+    assert "| full | 1.00 | 1 | 0.580 |" in out.output and "| base | 0.00 | 1 | 0.500 |" in out.output
+    assert "full data beats the base (benchmark_accuracy): **met**" in out.output
+    f.write_text(f.read_text() + "{oops\n")
+    out = CliRunner().invoke(main, [str(f)])
+    assert out.exit_code != 0 and f"{f}: line 5: not a harness-probe row" in out.output and "Traceback" not in out.output

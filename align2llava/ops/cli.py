@@ -211,6 +211,7 @@ def compression(ratios: str, seeds: str, methods: str, jobs: int, out_csv: Path,
             dvc=dvc if Path(dvc).exists() else "dvc",
         )
     click.echo(result.table)
+    click.echo(result.checks)
     click.echo(f"{len(result.rows)} runs -> {out_csv}" + (f"; failed: {', '.join(result.failed)}" if result.failed else ""))
 
 

@@ -42,6 +42,7 @@ from typing import Any
 
 from align2llava.data.io import write_csv
 from align2llava.errors import Align2LlavaError
+from align2llava.ops.harness import format_checks, harness_checks
 
 log = logging.getLogger(__name__)
 
@@ -366,6 +367,7 @@ class CompressionResult:
     rows: list[dict[str, Any]]
     table: str
     failed: list[str]
+    checks: str = ""
 
 
 def compression(
@@ -410,13 +412,15 @@ def compression(
         )
     write_csv(rows, out_csv, COLUMNS)
     table = format_table(summarize(rows))
+    checks = format_checks(harness_checks(rows))
     if out_md:
         Path(out_md).write_text(
             "# Compression experiment\n\n"
             + (f"Made by `{command_line}`.\n\n" if command_line else "")
             + table + "\n\n"
-            + f"Per run: `{out_csv}`. Mean +- sample std over seeds.\n"
+            + f"Per run: `{out_csv}`. Mean +- sample std over seeds.\n\n"
+            + "## Harness check (can the experiment see data quality?)\n\n" + checks + "\n"
             + (f"\nFailed runs: {', '.join(failed)}\n" if failed else ""),
             encoding="utf-8",
         )
-    return CompressionResult(runs, rows, table, failed)
+    return CompressionResult(runs, rows, table, failed, checks)
