@@ -12,7 +12,10 @@ benchmark slice is the first --per-type questions of each vqa type and --pope-pe
 present and absent POPE probes of the benchmark folder. Params come from params.yaml with base
 pointed at the pool and the checkpoint, and any --set SECTION.KEY=YAML. Every fine-tune also trains on finetune.mix
 (by default the pool folder's vqa_mix.json; --mix none for the subset alone). Prints one JSON row
-(evaluate's metrics, the subset's clean share, seconds) and appends it to --results.
+(evaluate's metrics, the subset's clean share, seconds) and appends it to --results;
+`python -m benchmarks.harness_summary RESULTS` prints a series' table and the harness check.
+--reuse-model evaluates a finished run's model again (on a larger slice: the first 100 per type
+and 100 + 100 POPE probes are the whole demo benchmark), into bench-N-M/ and eval-N-M/.
 """
 
 from __future__ import annotations
@@ -76,48 +79,62 @@ def bench_slice(src: Path, dst: Path, per_type: int, pope_per_answer: int) -> No
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=YAML", help="Override a param.")
 @click.option("--out-dir", required=True, type=click.Path(path_type=Path))
 @click.option("--results", default=".cache/probe/results.jsonl", show_default=True, type=click.Path(path_type=Path))
+@click.option("--reuse-model", is_flag=True, help="Evaluate the model a finished run left in OUT_DIR/model (same "
+              "options) instead of fine-tuning again, e.g. on a larger --per-type / --pope-per-answer slice.")
 def main(pool_dir: Path, method: str, seed: int, per_task: int, keep_ratio: float | None, base_model: Path, bench_dir: Path,
          bench_images: Path, per_type: int, pope_per_answer: int, mix: str | None, sets: tuple[str, ...], out_dir: Path,
-         results: Path) -> None:
+         results: Path, reuse_model: bool) -> None:
     """Fine-tune on one subset (or none) and evaluate; print and append one result row."""
     with user_errors():
         out_dir = out_dir.resolve()
         out_dir.mkdir(parents=True, exist_ok=True)
-        bench_slice(bench_dir, out_dir / "bench", per_type, pope_per_answer)
+        # the first slice keeps the folder names of earlier runs; another slice gets its own
+        tag = "" if (per_type, pope_per_answer) == (50, 50) else f"-{per_type}-{pope_per_answer}"
+        bench, eval_dir = out_dir / f"bench{tag}", out_dir / f"eval{tag}"
+        bench_slice(bench_dir, bench, per_type, pope_per_answer)
         params = yaml.safe_load(Path("params.yaml").read_text())
         params["base"].update(pool=str(pool_dir / "pool.json"), image_root=str(pool_dir / "images"),
                               base_model=str(base_model))
         params["finetune"].update(checkpoint_dir=str(out_dir / "checkpoints"), resume=False, seed=seed,
                                   mix=None if mix == "none" else mix or str(pool_dir / "vqa_mix.json"))
-        params["evaluate"].update(vqa_file=str(out_dir / "bench/vqa.jsonl"), pope_file=str(out_dir / "bench/pope.jsonl"),
+        params["evaluate"].update(vqa_file=str(bench / "vqa.jsonl"), pope_file=str(bench / "pope.jsonl"),
                                   image_root=str(bench_images))
         for s in sets:
             key, _, value = s.partition("=")
             section, _, name = key.partition(".")
             params[section][name] = yaml.safe_load(value)
-        (out_dir / "params.yaml").write_text(yaml.safe_dump(params))
+        model = out_dir / "model" if method != "base" else base_model
+        reuse = reuse_model and method != "base"
+        if reuse:
+            trained = out_dir / "params.yaml"
+            if not (model / "config.json").is_file() or not trained.is_file():
+                raise click.UsageError(f"--reuse-model: {out_dir} holds no finished run's model")
+            if yaml.safe_load(trained.read_text())["finetune"] != params["finetune"]:
+                raise click.UsageError(f"--reuse-model: {trained}: the model was fine-tuned with other finetune params")
+        params_file = out_dir / f"params{tag}.yaml"
+        params_file.write_text(yaml.safe_dump(params))
         env = {**os.environ, "ALIGN2LLAVA_NO_MLFLOW": "1"}
-        common = ["--params", str(out_dir / "params.yaml"), "--metrics-dir", str(out_dir)]
+        common = ["--params", str(params_file), "--metrics-dir", str(out_dir)]
         t0 = time.perf_counter()
-        row: dict = {"method": method, "seed": seed, "pool": str(pool_dir), "set": list(sets), "keep_ratio": keep_ratio}
-        model = base_model
+        row: dict = {"method": method, "seed": seed, "pool": str(pool_dir), "set": list(sets), "keep_ratio": keep_ratio,
+                     "per_type": per_type, "pope_per_answer": pope_per_answer, "reused_model": reuse}
         if method != "base":
             pool = json.loads((pool_dir / "pool.json").read_text())
             oracle = {r["id"]: not r["defects"] for r in map(json.loads, (pool_dir / "oracle.jsonl").read_text().splitlines())}
             chosen = subset(pool, oracle, method, seed, per_task, keep_ratio)
             (out_dir / "subset.json").write_text(json.dumps(chosen))
             row.update(records=len(chosen), clean_share=round(sum(oracle[r["id"]] for r in chosen) / len(chosen), 3))
-            model = out_dir / "model"
-            subprocess.run([sys.executable, "-m", "stages.finetune", *common, "--data", str(out_dir / "subset.json"),
-                            "--out-dir", str(model), "--plots-dir", str(out_dir)], env=env, check=True)
+            if not reuse:
+                subprocess.run([sys.executable, "-m", "stages.finetune", *common, "--data", str(out_dir / "subset.json"),
+                                "--out-dir", str(model), "--plots-dir", str(out_dir)], env=env, check=True)
         t1 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "stages.evaluate", *common, "--model", str(model),
-                        "--out-dir", str(out_dir / "eval")], env=env, check=True)
+        subprocess.run([sys.executable, "-m", "stages.evaluate", "--params", str(params_file), "--metrics-dir", str(eval_dir),
+                        "--model", str(model), "--out-dir", str(eval_dir)], env=env, check=True)
         if method != "base":
             row.update(mix_records=json.loads((out_dir / "finetune.json").read_text())["mix_records"])
-        metrics = json.loads((out_dir / "evaluate.json").read_text())
+        metrics = json.loads((eval_dir / "evaluate.json").read_text())
         row.update({k: v for k, v in metrics.items() if k.startswith(("benchmark", "pope"))})
-        row.update(finetune_s=round(t1 - t0), evaluate_s=round(time.perf_counter() - t1))
+        row.update(finetune_s=None if reuse else round(t1 - t0), evaluate_s=round(time.perf_counter() - t1))
         results.parent.mkdir(parents=True, exist_ok=True)
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")

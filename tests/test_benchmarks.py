@@ -135,3 +135,17 @@ def test_precision_spread_compares_thread_counts():
     rows = [line.split() for line in res.output.splitlines() if line.startswith("float32 ")]
     assert [r[1] for r in rows] == ["1", "2"]
     assert all(float(r[3]) == 0.0 and r[4] == "0/6" for r in rows)  # float32: the same scores
+
+
+def test_harness_probe_reuse_model_refuses_a_folder_without_a_finished_run(tmp_path):
+    from click.testing import CliRunner
+
+    from benchmarks.harness_probe import main
+
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "vqa.jsonl").write_text('{"id": "q", "image": "a.png", "question": "What colour?", "answer": "red", "type": "color"}\n')
+    (bench / "pope.jsonl").write_text('{"id": "p", "image": "a.png", "question": "Is there a circle?", "answer": "no", "type": "pope"}\n')
+    out = CliRunner().invoke(main, ["--method", "oracle", "--reuse-model", "--bench-dir", str(bench),
+                                    "--out-dir", str(tmp_path / "run")])
+    assert out.exit_code != 0 and "holds no finished run's model" in out.output and "Traceback" not in out.output
