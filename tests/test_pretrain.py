@@ -17,7 +17,7 @@ TINY = {
     "max_captions": 30, "eval_captions": 6, "word_groups": {"color": list(COLORS)},
     "warmup_steps": 30, "warmup_batch_size": 8, "warmup_learning_rate": 3.0e-3,
     "max_steps": 30, "per_device_train_batch_size": 8, "learning_rate": 3.0e-3,
-    "vision_learning_rate": 1.0e-3, "max_new_tokens": 4, "bf16": "false",
+    "vision_learning_rate": 1.0e-3, "max_new_tokens": 4, "bf16": "false", "anchor_steps": 10,
     "prompt": "<image>\nWhat color is the shape?", "generate_before": True,
 }
 
@@ -162,3 +162,46 @@ def test_prompt_without_image_token_is_refused(tiny_llava, captions, tmp_path, m
     monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
     res = _invoke(tmp_path, captions, init=str(tiny_llava), **{**TINY, "prompt": "Describe."})
     assert res.exit_code == 1 and "pretrain.prompt" in res.output
+
+
+def test_word_scores_pick_the_word_an_image_token_matches():
+    import torch
+
+    from align2llava.demo.pretrain.anchor import anchor_loss, word_scores
+
+    emb = torch.randn(3, 16)
+    tokens = torch.randn(2, 5, 16)
+    tokens[0, 3] = 4 * emb[2]  # image 0 holds a token along word 2's embedding
+    tokens[1, 0] = emb[1]
+    scores = word_scores(tokens, emb)
+    assert scores.shape == (2, 3)
+    assert scores[0].argmax() == 2 and scores[1].argmax() == 1
+    assert torch.isclose(scores[0, 2], torch.tensor(1.0), atol=1e-5)
+
+    class Fake:  # anchor_loss on given tokens: the right labels cost less than wrong ones
+        pass
+    from align2llava.demo.pretrain import anchor as mod
+    real = mod.image_tokens
+    mod.image_tokens = lambda model, px: tokens
+    try:
+        emb_norm = {"w": emb, "_norm": emb.norm(dim=-1).median()}
+        right = anchor_loss(Fake(), None, {"w": torch.tensor([2, 1])}, emb_norm, 0.1)
+        wrong = anchor_loss(Fake(), None, {"w": torch.tensor([0, 2])}, emb_norm, 0.1)
+    finally:
+        mod.image_tokens = real
+    assert right < wrong
+
+
+def test_word_anchoring_trains_and_reports_held_out_accuracy(tiny_llava, captions, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
+    res = _invoke(tmp_path, captions, init=str(tiny_llava),
+                  **{**TINY, "warmup_steps": 0, "max_steps": 4, "anchor_steps": 40, "anchor_weight": 1.0})
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    assert m["anchor_steps"] == 40 and m["anchor_loss_last"] < m["anchor_loss_first"]
+    assert set(m["anchor_accuracy"]) == {"color"} and 0.0 <= m["anchor_accuracy"]["color"] <= 1.0
+    before = load_file(str(tiny_llava / "model.safetensors"))
+    after = load_file(str(tmp_path / "model" / "model.safetensors"))
+    assert not any(("language_model" in k or "lm_head" in k) and not (before[k] == after[k]).all() for k in before)

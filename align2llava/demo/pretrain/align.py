@@ -145,10 +145,17 @@ def word_accuracy(generated: list[str], references: list[str], groups: dict[str,
 
 
 def align_captions(model: Any, encoded: list[tuple[list[int], int]], pixels: Any, p: PretrainParams, seed: int,
-                   pad_id: int, curve: list[dict[str, Any]], autocast: Any, prefix: Any = None) -> dict[str, float]:
-    """Phase 2: LLM frozen; projector (and vision tower at its own rate) learn to caption."""
+                   pad_id: int, curve: list[dict[str, Any]], autocast: Any, prefix: Any = None,
+                   anchor: tuple[dict[str, Any], dict[str, Any]] | None = None) -> dict[str, float]:
+    """Phase 2: LLM frozen; projector (and vision tower at its own rate) learn to caption.
+
+    `anchor` (per-group word labels of every caption, word embeddings): anchor_steps of word
+    anchoring alone first (no LLM forward: cheap), then anchor_weight x the anchoring loss is
+    added to every caption step (demo.pretrain.anchor)."""
     import torch
     from tqdm import tqdm
+
+    from align2llava.demo.pretrain.anchor import anchor_loss
 
     for prm in model.parameters():
         prm.requires_grad_(False)
@@ -171,6 +178,16 @@ def align_captions(model: Any, encoded: list[tuple[list[int], int]], pixels: Any
     gen = torch.Generator().manual_seed(seed + 1)
     order: list[int] = []
     model.eval()  # no dropout; only the chosen parameters get gradients
+    anchored: dict[str, float] = {}
+    if anchor is not None and p.anchor_steps:
+        anchored = _anchor_only(model, pixels, anchor, p, seed, projector + vision)
+
+    def anchor_term(idx: list[int]) -> Any:
+        if anchor is None or not p.anchor_weight:
+            return 0.0
+        labels = {k: v[idx] for k, v in anchor[0].items()}
+        return p.anchor_weight * anchor_loss(model, pixels[idx], labels, anchor[1], p.anchor_temperature)
+
     first = last = None
     tokens, start = 0, time.time()
     bar = tqdm(range(total), desc="caption alignment", unit="step", disable=None, leave=False)
@@ -181,7 +198,7 @@ def align_captions(model: Any, encoded: list[tuple[list[int], int]], pixels: Any
         ids, mask, tg = collate([encoded[i] for i in idx], pad_id)
         loss = caption_loss(model, ids, mask, pixels[idx], tg, autocast=autocast, prefix=prefix)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + anchor_term(idx)).backward()
         torch.nn.utils.clip_grad_norm_(projector + vision, 1.0)
         opt.step()
         sched.step()
@@ -196,4 +213,38 @@ def align_captions(model: Any, encoded: list[tuple[list[int], int]], pixels: Any
         log.info("caption alignment: %d steps, %s tokens at %.0f tok/s, loss %.3f -> %.3f", total,
                  f"{tokens:,}", tokens / max(secs, 1e-9), first, last)
     return {"align_steps": total, "align_loss_first": round(first or 0.0, 4), "align_loss_last": round(last or 0.0, 4),
-            "align_tokens_per_second": round(tokens / max(secs, 1e-9), 1)}
+            "align_tokens_per_second": round(tokens / max(secs, 1e-9), 1), **anchored}
+
+
+def _anchor_only(model: Any, pixels: Any, anchor: tuple[dict[str, Any], dict[str, Any]], p: PretrainParams,
+                 seed: int, params: list[Any]) -> dict[str, float]:
+    """anchor_steps of word anchoring alone (vision tower and projector; the LLM is not run)."""
+    import torch
+    from tqdm import tqdm
+
+    from align2llava.demo.pretrain.anchor import anchor_loss
+
+    opt = torch.optim.AdamW([{"params": list(model.model.multi_modal_projector.parameters()), "lr": p.learning_rate}]
+                            + ([{"params": list(model.model.vision_tower.parameters()), "lr": p.vision_learning_rate}]
+                               if p.vision_learning_rate > 0 else []))
+    total = p.anchor_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    gen = torch.Generator().manual_seed(seed + 2)
+    labels, emb = anchor
+    bs = min(p.warmup_batch_size, len(pixels))
+    order: list[int] = []
+    first = last = 0.0
+    for step in tqdm(range(total), desc="word anchoring", unit="step", disable=None, leave=False):
+        if len(order) < bs:
+            order += torch.randperm(len(pixels), generator=gen).tolist()
+        idx, order = order[:bs], order[bs:]
+        loss = anchor_loss(model, pixels[idx], {k: v[idx] for k, v in labels.items()}, emb, p.anchor_temperature)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        last = loss.item()
+        first = last if step == 0 else first
+        _log_progress("word anchoring", step + 1, total, last)
+    return {"anchor_steps": total, "anchor_loss_first": round(first, 4), "anchor_loss_last": round(last, 4)}

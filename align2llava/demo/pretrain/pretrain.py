@@ -7,7 +7,9 @@
    (multi-label over the caption vocabulary). This makes shape and colour linearly readable in
    the very features every later stage consumes.
 2. Caption alignment (LLaVA stage 1): the LLM is frozen; vision tower and projector learn to
-   make it produce the caption after the image. Prompt: `params.prompt` ("<image>\\n", LLaVA's
+   make it produce the caption after the image, while word anchoring (`demo.pretrain.anchor`,
+   the demo's stand-in for CLIP's image-text alignment) keeps the image tokens at a word's norm
+   and close to the LLM's embeddings of the words naming the image's shape and colour. Prompt: `params.prompt` ("<image>\\n", LLaVA's
    "plain" pretraining template). Loss on caption tokens only, and lm_head logits are computed
    only at those positions (the 49k-vocab head is a large part of the cost).
 
@@ -42,7 +44,8 @@ from align2llava.demo.pretrain.align import (
     prompt_text,
     word_accuracy,
 )
-from align2llava.demo.pretrain.warmup import pixel_batch, probe_accuracy, warm_up_vision
+from align2llava.demo.pretrain.anchor import anchor_accuracy, word_embeddings
+from align2llava.demo.pretrain.warmup import group_labels, pixel_batch, probe_accuracy, warm_up_vision
 from align2llava.errors import DataError
 from align2llava.models.loading import _staging, _swap_in, pass_through
 from align2llava.models.precision import resolve
@@ -77,6 +80,13 @@ class PretrainParams(Section):
     # model's chat template (chat_template: false -> used as is, e.g. LLaVA's plain "<image>\n").
     prompt: str = "<image>\nDescribe the image briefly."
     chat_template: bool = True
+    # word anchoring (demo.pretrain.anchor): image tokens pulled towards the LLM's embeddings of
+    # the words naming the image's shape and colour, at a word's norm, as CLIP's features line up
+    # with text. anchor_steps alone (no LLM) before the caption steps, then anchor_weight x its
+    # loss in each. 0 and 0: off.
+    anchor_steps: int = Field(300, ge=0)
+    anchor_weight: float = Field(1.0, ge=0)
+    anchor_temperature: float = Field(0.1, gt=0)
     max_steps: int = Field(80, ge=0)
     per_device_train_batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(3.0e-3, gt=0)  # projector
@@ -194,7 +204,15 @@ def pretrain(p: PretrainParams, seed: int, captions: str | Path, image_root: str
                  warm["warmup_probe_accuracy"], time.time() - t1)
     warm["warmup_seconds"] = round(time.time() - t1, 1)
     t2 = time.time()
-    align = align_captions(model, enc_train, pix_train, p, seed, tok.pad_token_id, steps, autocast, prefix)
+    anchor = None
+    if p.anchor_steps or p.anchor_weight:
+        emb = word_embeddings(model, tok, p.word_groups)
+        anchor = ({k: v for k, v in group_labels([e.caption for e in train], p.word_groups).items() if (v >= 0).any()},
+                  emb)
+    align = align_captions(model, enc_train, pix_train, p, seed, tok.pad_token_id, steps, autocast, prefix, anchor)
+    if anchor is not None:
+        align["anchor_accuracy"] = anchor_accuracy(model, pix_held, group_labels(refs, p.word_groups), anchor[1])
+        log.info("word anchoring: held-out accuracy %s", align["anchor_accuracy"])
     align["align_seconds"] = round(time.time() - t2, 1)
     after = measure("after")
     for prm in model.parameters():
