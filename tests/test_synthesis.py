@@ -409,3 +409,21 @@ def test_easy_vqa_wording_asks_easy_vqas_questions_and_errs_like_the_writer(tmp_
     assert 0.2 < wrong / asked < 0.4
     assert wrong_yes_no and wrong_yes / wrong_yes_no > 0.8  # a wrong yes/no is mostly a "yes" to an absent thing
     assert 0.35 < clean_yes_no["Yes"] / sum(clean_yes_no.values()) < 0.65  # right ones: present and absent alike
+
+
+@pytest.mark.parametrize("wording", ["writer", "easy_vqa"])
+def test_yes_no_first_asks_one_yes_no_before_anything_names_the_image(tmp_path, monkeypatch, wording):
+    from align2llava.demo.synthesis.world import COLORS, SHAPES
+
+    monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
+    res = _run(tmp_path, tmp_path / "o", vqa_wording=wording, pool_sizes={"vqa": 40}, vqa_turns="yes_no_first")
+    assert res.exit_code == 0, res.output
+    vqa = [r for r in read_records_strict(tmp_path / "o" / "pool.json") if r["task"] == "vqa"]
+    assert len(vqa) == 40
+    kinds: Counter = Counter()
+    for r in vqa:
+        answers = [g["value"] for g in r["conversations"][1::2]]
+        assert len(answers) == 3 and answers[0] in ("Yes", "No")
+        assert not {"Yes", "No"} & set(answers[1:]), r["id"]  # then colour and shape, one each
+        kinds.update(("color" if a.lower() in COLORS else "shape" if a.lower() in SHAPES else a) for a in answers[1:])
+    assert kinds["color"] + kinds["shape"] == 80 and min(kinds["color"], kinds["shape"]) >= 30

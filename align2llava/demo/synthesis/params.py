@@ -41,6 +41,10 @@ class SynthesizeParams(Section):
     vqa_wrong_rate: float = Field(0.25, ge=0, le=1)
     # vqa records' questions: the writer's own wording, or easy-vqa's own questions about that image
     vqa_wording: Literal["writer", "easy_vqa"] = "writer"
+    # vqa records' turns: shuffled (3-5 turns, extra yes/no ones last) or yes_no_first (one yes/no,
+    # asked before any turn names the image's shape or colour, then colour and shape shuffled), so
+    # that no yes/no answer can be read off the conversation's earlier words
+    vqa_turns: Literal["shuffled", "yes_no_first"] = "shuffled"
     # a hallucinated colour or shape: drawn from the writer's prior, or always its favourite
     guesses: Literal["sampled", "favourite"] = "sampled"
     annotate_fraction: float = Field(0.10, ge=0, le=1)  # share of pool records annotated

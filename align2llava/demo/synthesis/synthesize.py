@@ -260,7 +260,7 @@ def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
         block = sorted(pool_ids[start_at: start_at + sizes[task]])
         start_at += sizes[task]
         items += [make_item(task, truths[i], seed, p.defect_rates, p.vqa_wrong_rate, p.guesses,
-                            None if wording is None else wording.get(i, {})) for i in block]
+                            None if wording is None else wording.get(i, {}), p.vqa_turns) for i in block]
     rng = random.Random(f"{seed}:annotated")
     annotated = []
     for task in TASKS:

@@ -288,13 +288,13 @@ def draw_defects(rng: random.Random, task: str, rates: DefectRates) -> list[str]
 
 
 def make_item(task: str, t: Truth, seed: int, rates: DefectRates, vqa_wrong_rate: float = 0.25,
-              guesses: str = "sampled", wording: Wording | None = None) -> Item:
+              guesses: str = "sampled", wording: Wording | None = None, vqa_turns: str = "shuffled") -> Item:
     """One pool record of `task` about image `t`; `vqa` records take `vqa_wrong_rate` per turn
-    and ask `wording`'s questions when given; hallucinated values are the writer's guesses,
-    `guesses` says how (`guess`)."""
+    and ask `wording`'s questions when given, their turns ordered as `vqa_turns` says;
+    hallucinated values are the writer's guesses, `guesses` says how (`guess`)."""
     rng = random.Random(f"{seed}:{task}:{t.image_id}")
     if task == "vqa":
-        return _vqa_item(rng, t, vqa_wrong_rate, guesses, wording)
+        return _vqa_item(rng, t, vqa_wrong_rate, guesses, wording, vqa_turns)
     defects = draw_defects(rng, task, rates)
     rng.shuffle(defects)
     n = (rng.choice((2, 3)) if task == "conversation" else 1)
@@ -326,7 +326,7 @@ Wording = dict[str, list[tuple[str, str]]]
 
 
 def _vqa_item(rng: random.Random, t: Truth, wrong_rate: float, guesses: str = "sampled",
-              wording: Wording | None = None) -> Item:
+              wording: Wording | None = None, order: str = "shuffled") -> Item:
     """A short-answer VQA record (LLaVA-1.5's mix): 3-5 one-word QA turns about one image, each
     answer wrong with probability `wrong_rate` (the writer's guess, see `make_turn`).
 
@@ -334,10 +334,18 @@ def _vqa_item(rng: random.Random, t: Truth, wrong_rate: float, guesses: str = "s
     own) instead of the writer's; a yes/no asks about a present shape or colour half the time
     (the writer asks one where easy-vqa has none left), a wrong one about an absent one where
     there is one, answered "Yes".
+
+    order: shuffled (3-5 turns, the extra ones yes/no) or yes_no_first (3 turns: one yes/no, then
+    colour and shape in a shuffled order). In a shuffled record most yes/no turns follow a turn
+    whose question or answer names the image's shape or colour, so a model can answer them from
+    the conversation's words instead of the image; the benchmark asks one question at a time.
     """
     kinds = list(VQA_KINDS)
     rng.shuffle(kinds)
-    kinds += ["yes_no"] * (rng.choice((3, 4, 5)) - len(kinds))
+    if order == "yes_no_first":
+        kinds = ["yes_no"] + [k for k in kinds if k != "yes_no"]
+    else:
+        kinds += ["yes_no"] * (rng.choice((3, 4, 5)) - len(kinds))
     turns, turn_defects, asked = [], {}, set()
     for kind in kinds:
         d = WRONG[kind] if rng.random() < wrong_rate else None
