@@ -149,3 +149,19 @@ def test_harness_probe_reuse_model_refuses_a_folder_without_a_finished_run(tmp_p
     out = CliRunner().invoke(main, ["--method", "oracle", "--reuse-model", "--bench-dir", str(bench),
                                     "--out-dir", str(tmp_path / "run")])
     assert out.exit_code != 0 and "holds no finished run's model" in out.output and "Traceback" not in out.output
+
+
+def test_presence_in_words_questions_are_balanced_and_true_to_the_image():
+    import random
+    from types import SimpleNamespace
+
+    from benchmarks.presence_in_words import auroc, probe_question
+
+    truth = SimpleNamespace(shape="circle", color="teal")
+    rng = random.Random(0)
+    asked = [probe_question(truth, rng) for _ in range(400)]
+    assert 0.4 < sum(yes for _, yes in asked) / len(asked) < 0.6
+    for q, yes in asked:
+        named = "circle" in q or "teal" in q
+        assert named == yes, q
+    assert auroc([2.0, 3.0], [0.0, 1.0]) == 1.0 and auroc([0.0], [1.0]) == 0.0 and auroc([1.0], [1.0]) == 0.5
