@@ -116,3 +116,16 @@ def test_gpu_profile_runs_on_a_tiny_config_on_cpu():
     assert re.search(r"[\d,]+ tokens/s, [\d.]+ s/step at 2 x 600, peak [\d.]+ GB, .* MFU [\d.]+% of 1 TFLOPS", out)
     refused = CliRunner().invoke(main, ["--device", "cpu"])
     assert refused.exit_code != 0 and "add --tiny" in refused.output
+
+
+def test_harness_preset_applies_and_loads_strictly(tmp_path):
+    from align2llava.ops.preset import apply_preset, check_params
+
+    params = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", params)
+    changes = apply_preset(ROOT / "configs" / "params" / "harness.yaml", params)
+    data = yaml.safe_load(params.read_text())
+    assert data["synthesize"]["pool_sizes"] == {"vqa": 3000} and data["synthesize"]["vqa_wording"] == "easy_vqa"
+    assert data["finetune"]["learning_rate"] == 1.0e-3 and data["evaluate"]["likelihood_span"] == "start"
+    assert len(changes) == 4
+    check_params(data, params)
