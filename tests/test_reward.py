@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 
 import pytest
@@ -264,8 +265,9 @@ def test_stage_trains_both_models(tiny_llava, image_root, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in _pairs(8)))
-    params = {"base": {"seed": 0, "base_model": str(tiny_llava), "image_root": str(image_root)},
-              "train_reward": {**TINY, "layers_to_transform": [-1], "train_projector": False,
+    # the reward models start from train_reward.base_model, not base.base_model (the model tuned)
+    params = {"base": {"seed": 0, "base_model": str(tmp_path / "not-read"), "image_root": str(image_root)},
+              "train_reward": {**TINY, "base_model": str(tiny_llava), "layers_to_transform": [-1], "train_projector": False,
                                "num_train_epochs": 1, "learning_rate": 1.0e-2, "eval_steps": 0}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     res = CliRunner().invoke(main, ["--pairs", "pairs.jsonl"])
@@ -292,3 +294,30 @@ def test_stage_trains_both_models(tiny_llava, image_root, tmp_path, monkeypatch)
     (tmp_path / "pairs.jsonl").write_text('{"id": 1}\n')
     res = CliRunner().invoke(main, ["--pairs", "pairs.jsonl"])
     assert res.exit_code == 1 and "lacks keys" in res.output and "Traceback" not in res.output
+
+
+def test_soft_min_pooling_is_zero_for_equal_tokens_and_follows_the_lowest_text_token():
+    import torch
+
+    from align2llava.models.reward_model import RewardModel
+
+    rm = RewardModel(torch.nn.Identity(), 3, pooling="last+min", text_start=2)
+    rm.token_head.weight.data = torch.tensor([[1.0, 0.0, 0.0]])
+    h = torch.zeros(2, 6, 3)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    h[:, :2, 0] = -100.0  # image positions (before text_start): never pooled
+    h[1, 4:, 0] = -100.0  # padding: never pooled
+    torch.testing.assert_close(rm._soft_min(h, mask), torch.zeros(2))
+    h[0, 3, 0] = -8.0  # one text token that contradicts: the reward drops by about its score
+    low = rm._soft_min(h, mask)[0].item()
+    assert -8.0 < low < -8.0 + math.log(4) + 1e-4
+    with pytest.raises(ValueError, match="pooling"):
+        RewardModel(torch.nn.Identity(), 3, pooling="mean")
+
+
+def test_last_token_pooling_trains_and_reloads_without_a_token_head(tiny_llava, image_root, tmp_path):
+    params = TrainRewardParams(**TINY, layers_to_transform=[-1], pooling="last", num_train_epochs=1)
+    res = train_reward_model("answer", _pairs(8), tiny_llava, params, image_root=image_root, seed=0, out_dir=tmp_path / "rm")
+    assert res.model.token_head is None
+    rm2, _, meta = load_reward_model(tmp_path / "rm", dtype="float32")
+    assert meta["pooling"] == "last" and rm2.token_head is None

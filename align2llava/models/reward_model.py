@@ -132,16 +132,29 @@ def last_token_index(attention_mask: Any) -> Any:
     return (attention_mask.long() * (pos + 1)).argmax(-1)
 
 
+POOLINGS = ("last", "last+min")
+
+
 class RewardModel(_torch_module()):  # type: ignore[misc]
     """LLaVA backbone (LlavaModel, possibly peft-wrapped) + a linear head on the last token."""
 
-    def __init__(self, backbone: Any, hidden_size: int, start_layer: int | None = None):
+    def __init__(self, backbone: Any, hidden_size: int, start_layer: int | None = None,
+                 pooling: str = "last", text_start: int = 0):
         import torch
 
         super().__init__()
         self.backbone = backbone
         self.head = torch.nn.Linear(hidden_size, 1, bias=False)
         torch.nn.init.zeros_(self.head.weight)
+        if pooling not in POOLINGS:
+            raise ValueError(f"reward pooling {pooling!r}: one of {', '.join(POOLINGS)}")
+        # pooling "last+min": a second head scores every text token (from `text_start`, after
+        # the image) and the reward adds their soft minimum, relative to their count
+        self.pooling, self.text_start = pooling, text_start
+        self.token_head = None
+        if pooling == "last+min":
+            self.token_head = torch.nn.Linear(hidden_size, 1, bias=False)
+            torch.nn.init.zeros_(self.token_head.weight)
         # First adapted LLM layer when a frozen-prefix cache is used, else None.
         self.start_layer = start_layer
         self.autocast_dtype: Any = None
@@ -179,7 +192,20 @@ class RewardModel(_torch_module()):  # type: ignore[misc]
                 ).last_hidden_state
         idx = last_token_index(attention_mask)
         last = h[torch_arange(h.shape[0], h.device), idx]
-        return self.head(last.to(self.head.weight.dtype)).squeeze(-1)
+        reward = self.head(last.to(self.head.weight.dtype)).squeeze(-1)
+        if self.token_head is not None:
+            reward = reward + self._soft_min(h, attention_mask)
+        return reward
+
+    def _soft_min(self, h: Any, attention_mask: Any) -> Any:
+        """-logsumexp(-r_t) + log(n) over the text tokens' scores r_t: 0 when they are all
+        equal, pulled down by the lowest (one token that contradicts the image)."""
+        import torch
+
+        r = self.token_head(h.to(self.token_head.weight.dtype)).squeeze(-1)
+        mask = attention_mask.bool() & (torch_arange(h.shape[1], h.device) >= self.text_start)[None]
+        n = mask.sum(-1).clamp(min=1)
+        return -torch.logsumexp((-r).masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0) + n.log()
 
     def prefix_hidden(self, input_ids: Any, attention_mask: Any, pixel_values: Any = None) -> Any:
         """Hidden states entering layer `start_layer` (the frozen prefix), no grad."""
@@ -287,6 +313,8 @@ def save_reward_model(rm: RewardModel, out_dir: str | Path, *, kind: str, backbo
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {"head.weight": rm.head.weight.detach().float().cpu().contiguous()}
+    if rm.token_head is not None:
+        tensors["token_head.weight"] = rm.token_head.weight.detach().float().cpu().contiguous()
     proj = rm.llava().multi_modal_projector
     trained_projector = any(p.requires_grad for p in proj.parameters())
     if trained_projector:
@@ -305,6 +333,8 @@ def save_reward_model(rm: RewardModel, out_dir: str | Path, *, kind: str, backbo
         "adapter": "lora" if lora else None,
         "projector_in_head_file": trained_projector,
         "hidden_size": int(rm.head.weight.shape[1]),
+        "pooling": rm.pooling,
+        "text_start": rm.text_start,
         "max_length": max_length,
         "input": "image, then human turns joined by newlines" if kind == "question"
         else "image, then 'Question: ...' and 'Answer: ...' lines",
@@ -396,8 +426,12 @@ def load_reward_model(path: str | Path, *, backbone: str | Path | None = None, d
                         f"{base} (hidden size {hidden})")
     if is_cpu(device):
         llava.set_attn_implementation("eager")  # as in training (see build_reward_model)
-    rm = RewardModel(bb, hidden)
+    rm = RewardModel(bb, hidden, pooling=meta.get("pooling", "last"), text_start=int(meta.get("text_start", 0)))
     rm.head.weight.data.copy_(tensors["head.weight"])
+    if rm.token_head is not None:
+        if "token_head.weight" not in tensors:
+            raise DataError(f"{path}: reward_config.json says pooling {rm.pooling} but {HEAD_FILE} has no token_head.weight")
+        rm.token_head.weight.data.copy_(tensors["token_head.weight"])
     rm.to(device).eval()
     rm.use_autocast(prec.autocast_dtype)
     return rm, processor, meta

@@ -28,6 +28,9 @@ class TrainRewardParams(Section):
     """The `train_reward` section of params.yaml. Defaults are the demo's params.yaml values (a
     test keeps them equal); `paper:` comments give the paper's LLaVA-1.5-7B settings."""
 
+    # The MLLM the reward models start from: an instruction-tuned one, as the paper's start from
+    # LLaVA-1.5-7B (the instruct stage's output: the demo's own, or instruct.checkpoint passed through).
+    base_model: str = "models/instruct"
     kinds: list[Literal["question", "answer"]] = ["question", "answer"]
     # lora: LoRA on the LLM (+ head, + projector if train_projector); frozen: frozen LLM, trainable
     # projector + head. The vision tower is always frozen.
@@ -58,6 +61,10 @@ class TrainRewardParams(Section):
     # Not in the paper (0 = off): image-swap pairs per best candidate, the candidate on its own
     # image over the same text on another training image (see image_swap_pairs).
     image_swaps: int = Field(0, ge=0)
+    # Where the reward is read: last (the last token, as the paper) or last+min (plus a soft
+    # minimum of a second head over every text token: a single token that contradicts the image
+    # can pull the reward down, wherever it sits in the answer).
+    pooling: Literal["last", "last+min"] = "last+min"  # paper: last
     # Validate every N optimizer steps (0: once per epoch) and at the end.
     eval_steps: int = Field(10, ge=0)
     per_device_eval_batch_size: int = Field(32, ge=1)
@@ -110,7 +117,10 @@ def build_reward_model(
         # CPU: eager attention backpropagates through bf16 matmuls, several times faster than
         # the CPU SDPA kernel's backward
         (backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone).set_attn_implementation("eager")
-    rm = RewardModel(backbone, hidden, start_layer=start)
+    text_start = 0
+    if params.pooling != "last":  # the image's tokens (and BOS, the newline after it) are not text
+        text_start = len(Encoder(processor, params.max_length).ids("", True))
+    rm = RewardModel(backbone, hidden, start_layer=start, pooling=params.pooling, text_start=text_start)
     rm.to(device)
     rm.use_autocast(prec.autocast_dtype)
     return rm, processor
