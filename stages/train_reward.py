@@ -1,6 +1,6 @@
 """train-reward: the question RM f(I, Q) and the answer RM g(I, Q, A) on preference pairs.
 
-Reads data/annotate_import/pairs.jsonl and the base MLLM (base.base_model), writes
+Reads data/annotate_import/pairs.jsonl and the reward models' base (train_reward.base_model), writes
 models/train_reward/{question,answer}/ (reloadable with align2llava.reward.load_reward_model),
 plots/train_reward/{question,answer}.csv (step, loss, val_accuracy) and
 metrics/train_reward.json. Several GPUs: `accelerate launch --num_processes N -m stages.train_reward`.
@@ -45,7 +45,7 @@ def main(params_file: Path, metrics_dir: Path, verbose: bool, pairs: Path, out_d
                     run.log_step({f"{kind}_{k}": v for k, v in row.items() if k != "step" and v is not None},
                                  step=row["step"])
 
-                res = train_reward_model(kind, data, base.base_model, p, image_root=base.image_root,
+                res = train_reward_model(kind, data, p.base_model, p, image_root=base.image_root,
                                          seed=base.seed, out_dir=out_dir / kind,
                                          on_step=on_step if is_main else None)
                 if not is_main:

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A demo world small enough for tests (overrides of params.yaml's synthesize section).
 TINY_WORLD = {"pool_per_task": 8, "annotate_fraction": 0.5, "benchmark_vqa_per_type": 4, "benchmark_pope": 6,
-              "captions": 12}
+              "captions": 12, "instruct_images": 6}
 
 
 @pytest.fixture(autouse=True)

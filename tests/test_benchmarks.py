@@ -165,3 +165,36 @@ def test_presence_in_words_questions_are_balanced_and_true_to_the_image():
         named = "circle" in q or "teal" in q
         assert named == yes, q
     assert auroc([2.0, 3.0], [0.0, 1.0]) == 1.0 and auroc([0.0], [1.0]) == 0.0 and auroc([1.0], [1.0]) == 0.5
+
+
+def test_independent_test_pool_is_true_to_the_image_and_shares_no_sentence_form():
+    import inspect
+    from pathlib import Path
+
+    from align2llava.demo.synthesis import instruct_data, writer
+    from align2llava.demo.synthesis.world import COLORS, SHAPES, _words
+    from benchmarks.test_pool_auroc import DEFECTS, EVASIVE, FORMS, GENERIC, defect_auroc, write_test_pool
+
+    truth = {i: (SHAPES[i % 3], COLORS[i % 8]) for i in range(40)}
+    records = write_test_pool({i: Path(f"{i}.png") for i in truth}, truth, 30, seed=0)
+    assert len(records) == 30 * 5 and {r.defect for r in records} == {None, *DEFECTS}
+    for r in records:
+        shape, color = truth[int(r.image.stem)]
+        named = set(_words(r.answer)) & set(COLORS + SHAPES)
+        if r.defect is None:
+            assert named == {shape, color}, r
+        elif r.defect.startswith("hallucinated"):
+            right = shape if r.defect == "hallucinated_color" else color
+            assert right in named and len(named) == 2 and named != {shape, color}, r
+        else:
+            assert not named, r
+    # written here, not by the demo's writer or the instruct data: no sentence of either reappears
+    others = inspect.getsource(writer) + inspect.getsource(instruct_data)
+    for text in [q for q, _ in FORMS] + [a for _, a in FORMS] + list(EVASIVE) + [x for pair in GENERIC for x in pair]:
+        for piece in re.split(r"\{[a-z_]+\}", text):
+            words = piece.strip(" ,.;:").split()
+            if len(words) >= 4:
+                assert " ".join(words) not in others, piece
+    # AUROC: clean over defective
+    scores = [0.0 if r.defect else 1.0 for r in records]
+    assert set(defect_auroc(records, scores).values()) == {1.0}

@@ -127,5 +127,6 @@ def test_harness_preset_applies_and_loads_strictly(tmp_path):
     data = yaml.safe_load(params.read_text())
     assert data["synthesize"]["pool_sizes"] == {"vqa": 3000} and data["synthesize"]["vqa_wording"] == "easy_vqa"
     assert data["finetune"]["learning_rate"] == 1.0e-3 and data["evaluate"]["likelihood_span"] == "start"
-    assert len(changes) == 4
+    assert data["synthesize"]["instruct_images"] == 100  # the 100 train images the pool leaves
+    assert len(changes) == 6
     check_params(data, params)

@@ -295,6 +295,7 @@ def user_params(params: dict, user: dict[str, Path], checkpoint: Path) -> dict:
     p = params
     p["base"].update(pool=str(user["pool"]), image_root=str(user["images"]))
     p["pretrain"]["checkpoint"] = str(checkpoint)
+    p["instruct"]["checkpoint"] = str(checkpoint)  # instruction-tuned already: the reward models' base too
     p["synthesize"].update(TINY_WORLD)
     p["annotate_import"].update(format="align2llava", questions=str(user["questions"]),
                                 answers=str(user["answers"]), input=str(user["input"]), val_fraction=0.25)
@@ -339,7 +340,7 @@ def test_own_checkpoint_and_data_end_to_end(llava15, tmp_path):
 
     # the reward models name their backbone relative to their folder, with its fingerprint
     meta = json.loads((repo / "models/train_reward/question/reward_config.json").read_text())
-    assert meta["backbone"] == "../../pretrain" and len(meta["backbone_fingerprint"]) == 64
+    assert meta["backbone"] == "../../instruct" and len(meta["backbone_fingerprint"]) == 64
     scores = [json.loads(line) for line in (repo / "data/score/scores.jsonl").read_text().splitlines()]
     assert len(scores) == 12 and all(r["question_score"] != 0.0 for r in scores)
     curated = json.loads((repo / "data/restyle/curated.json").read_text())

@@ -427,3 +427,49 @@ def test_yes_no_first_asks_one_yes_no_before_anything_names_the_image(tmp_path, 
         assert not {"Yes", "No"} & set(answers[1:]), r["id"]  # then colour and shape, one each
         kinds.update(("color" if a.lower() in COLORS else "shape" if a.lower() in SHAPES else a) for a in answers[1:])
     assert kinds["color"] + kinds["shape"] == 80 and min(kinds["color"], kinds["shape"]) >= 30
+
+
+def test_instruct_set_is_correct_and_on_images_no_other_record_uses(world):
+    from align2llava.demo.synthesis.writer import asserted_words
+
+    out = world / "a"
+    inst = read_records_strict(out / "instruct.json")
+    assert validate_records(inst, "instruct.json", image_root=out / "images") == []
+    assert len(inst) == TINY_WORLD["instruct_images"] == len({r["image"] for r in inst})
+    others = {r["image"] for f in ("pool.json", "vqa_mix.json") for r in read_records_strict(out / f)}
+    assert others and not {r["image"] for r in inst} & others
+    for r in inst:
+        shape, color, *_ = measure_image(out / "images" / r["image"])
+        q, a = (t["value"] for t in r["conversations"])
+        assert q.startswith("<image>\n") and len(r["conversations"]) == 2
+        said = {w for w in asserted_words(a) if w in COLORS + SHAPES}
+        if a.startswith("No, it shows") or a.startswith("Yes, it shows"):  # caption matching: the truth follows
+            said = {w for w in _words(a.split("shows", 1)[1]) if w in COLORS + SHAPES}
+        assert said <= {shape, color}, (q, a, shape, color)
+
+
+def test_instruct_answers_are_right_for_every_kind():
+    from align2llava.demo.synthesis.instruct_data import KINDS, _turn
+
+    t = Truth(7, "train", "triangle", "teal", "center", "small")
+    seen = Counter()
+    for n in range(400):
+        rng = random.Random(n)
+        kind = list(KINDS)[n % len(KINDS)]
+        q, a = _turn(kind, rng, t)
+        seen[kind] += 1
+        words = set(_words(a))
+        if kind in ("color", "shape", "describe"):
+            assert words & {"teal", "triangle"} and not words & (set(COLORS + SHAPES) - {"teal", "triangle"}), (q, a)
+        else:  # presence / matching: yes exactly when the question names the truth only
+            named = set(_words(q)) & set(COLORS + SHAPES)
+            assert a.startswith("Yes" if named <= {"teal", "triangle"} else "No"), (q, a)
+            assert a.endswith("teal triangle."), a
+    assert set(seen) == set(KINDS)
+
+
+def test_more_instruct_images_than_left_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
+    res = _run(tmp_path, tmp_path / "o", instruct_images=3990)
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.output.startswith("Error: synthesize.instruct_images: 3,990 asked") and res.output.count("\n") == 1

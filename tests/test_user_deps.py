@@ -83,7 +83,8 @@ def test_editing_a_users_file_reruns_exactly_what_reads_it(tmp_path):
     assert readers("pool") == {"annotation-tasks", "score", "select", "diagnose", "report"}
     assert readers("questions") == {"annotate-import"}
     assert readers("input") == {"annotate-import"}
-    assert readers("model") == {"annotation-tasks", "train-reward", "score", "restyle", "finetune"}
+    # the reward models read models/instruct, the instruct stage's output, made from the model
+    assert readers("model") == {"annotation-tasks", "instruct", "restyle", "finetune"}
     assert readers("image") == {"annotation-tasks", "annotate-import", "train-reward", "score", "finetune",
                                 "evaluate", "report"}
     assert json.loads(run("status", "--json")) == {}

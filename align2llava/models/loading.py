@@ -97,24 +97,25 @@ def _swap_in(tmp: Path, out: Path) -> None:
     tmp.replace(out)
 
 
-def pass_through(checkpoint: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Put a user's model folder at `out_dir` (hard links where possible) and check it loads."""
+def pass_through(checkpoint: str | Path, out_dir: str | Path, param: str = "pretrain.checkpoint") -> dict[str, Any]:
+    """Put a user's model folder at `out_dir` (hard links where possible) and check it loads;
+    errors name `param`, the setting that named the folder."""
     from transformers import AutoConfig, AutoProcessor
 
     src, out = Path(checkpoint), Path(out_dir)
     if not (src / "config.json").is_file():
-        raise DataError(f"pretrain.checkpoint: {src}: no config.json; expected a Hugging Face model folder")
+        raise DataError(f"{param}: {src}: no config.json; expected a Hugging Face model folder")
     if src.resolve() == out.resolve():
-        raise DataError(f"pretrain.checkpoint: {src} is the output folder itself")
+        raise DataError(f"{param}: {src} is the output folder itself")
     try:
         config = AutoConfig.from_pretrained(str(src))
         AutoProcessor.from_pretrained(str(src))
     except Exception as exc:  # transformers raises many types for broken folders
-        raise DataError(f"pretrain.checkpoint: {src}: does not load as a model with a processor: {exc}") from None
+        raise DataError(f"{param}: {src}: does not load as a model with a processor: {exc}") from None
     if not hasattr(config, "vision_config") or not hasattr(config, "text_config"):
-        raise DataError(f"pretrain.checkpoint: {src}: config has no vision_config/text_config (not a LLaVA-style MLLM)")
+        raise DataError(f"{param}: {src}: config has no vision_config/text_config (not a LLaVA-style MLLM)")
     if not any(src.glob("*.safetensors")) and not any(src.glob("*.bin")):
-        raise DataError(f"pretrain.checkpoint: {src}: no weight files (*.safetensors)")
+        raise DataError(f"{param}: {src}: no weight files (*.safetensors)")
     tmp = _staging(out)
     shutil.copytree(src, tmp, copy_function=_link_or_copy)
     _swap_in(tmp, out)

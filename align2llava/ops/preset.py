@@ -22,6 +22,7 @@ SECTIONS = {
     "base": "align2llava.config:BaseParams",
     "synthesize": "align2llava.demo.synthesis.params:SynthesizeParams",
     "pretrain": "align2llava.demo.pretrain.pretrain:PretrainParams",
+    "instruct": "align2llava.demo.instruct:InstructParams",
     "annotate_import": "align2llava.steps.annotations.importer:AnnotateImportParams",
     "train_reward": "align2llava.steps.reward_training.train:TrainRewardParams",
     "score": "align2llava.steps.scoring:ScoreParams",

@@ -19,6 +19,9 @@ HEADLINES: dict[str, list[tuple[str, str]]] = {
                    ("strict pairs", "annotations.strict_pairs")],
     "pretrain": [("caption loss before", "before.caption_loss"), ("after", "after.caption_loss"),
                  ("colour", "after.generation_accuracy.color"), ("shape", "after.generation_accuracy.shape")],
+    # the reward models' base (demo): the true colour / shape word's likelihood win rate in pool answers
+    "instruct": [("grounding colour before", "grounding_before.color"), ("after", "grounding_after.color"),
+                 ("shape before", "grounding_before.shape"), ("after", "grounding_after.shape")],
     "annotation_tasks": [("records", "records"), ("tasks", "tasks"), ("candidates", "candidates"),
                          ("rejected", "rejected")],
     "annotate_import": [("question pairs", "pairs_question"), ("answer pairs", "pairs_answer"),

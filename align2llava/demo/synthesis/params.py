@@ -58,6 +58,10 @@ class SynthesizeParams(Section):
     # short-answer records on train images outside the pool: the fine-tuning mix's fixed part
     # (vqa_mix.json), never curated
     vqa_mix: int = Field(0, ge=0)
+    # instruct.json: correct one-turn conversations on train images outside the pool and the mix,
+    # the instruction tuning of the reward models' base (demo.synthesis.instruct_data)
+    instruct_images: int = Field(2000, ge=0)
+    instruct_per_image: int = Field(1, ge=1)
     # easy_vqa: easy-vqa's own QA (shape, colour, yes/no: the benchmark's facts); layout: where
     # the shape is and how large (none of them)
     vqa_mix_kind: Literal["easy_vqa", "layout"] = "easy_vqa"

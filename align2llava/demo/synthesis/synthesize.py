@@ -19,6 +19,8 @@ easy-vqa (MIT, on PyPI) ships 64x64 images of one shape (circle, rectangle, tria
   against the ground truth with the paper's rubric (docs/method.md), plus noise; scores on a 0.25 grid.
 - `benchmark/`: easy-vqa's test QA (shape / color / yes_no) and POPE-style presence probes.
 - `captions.jsonl`: true short captions of train images (LLaVA stage-1 data).
+- `instruct.json`: correct one-turn conversations on other train images (`instruct_images` x
+  `instruct_per_image`), the instruction tuning of the reward models' base (`instruct` stage).
 - `vqa_mix.json`: the fixed, correct part of the fine-tuning mix (`vqa_mix` records, none by
   default), as LLaVA-1.5 tunes on academic VQA next to LLaVA-Instruct: short-answer records on
   train images no pool record uses, three questions each in a shuffled order, each ending in the
@@ -59,6 +61,7 @@ from typing import TYPE_CHECKING, Any
 from align2llava.data.io import write_jsonl, write_records
 from align2llava.data.records import SHORT_ANSWER
 from align2llava.demo.synthesis.annotator import build_annotations
+from align2llava.demo.synthesis.instruct_data import instruct_record
 from align2llava.demo.synthesis.params import CAN_CARRY, DEFECTS, TASKS
 from align2llava.demo.synthesis.world import COLORS, SHAPES, _words, easy_vqa_dir, load_truths, qa_facts, read_split
 from align2llava.demo.synthesis.writer import _a, caption, make_item, oracle_row
@@ -198,6 +201,23 @@ def layout_mix(truths: dict[int, Truth], seed: int) -> list[dict[str, Any]]:
     return out
 
 
+def _image_id(image: str) -> int:
+    return int(image.removesuffix(".png").split("/")[1])
+
+
+def instruct_set(train_ids: list[int], exclude: set[int], qa: list[tuple[str, str, int]],
+                 images: dict[int, Path], p: SynthesizeParams, seed: int) -> list[dict[str, Any]]:
+    """instruct.json: `instruct_per_image` records on each of `instruct_images` train images
+    outside `exclude` (the pool's and the mix's), sampled."""
+    free = sorted(set(train_ids) - exclude)
+    if p.instruct_images > len(free):
+        raise DataError(f"synthesize.instruct_images: {p.instruct_images:,} asked, {len(free):,} train images lie "
+                        "outside the pool and the mix (easy-vqa has 4,000)")
+    ids = sorted(random.Random(f"{seed}:instruct:images").sample(free, p.instruct_images))
+    truths = load_truths("train", ids, qa_facts(qa), images)[0]
+    return [instruct_record(truths[i], seed, n) for i in ids for n in range(p.instruct_per_image)]
+
+
 def _short_answer_record(image_id: int, image: str, qa_pairs: list[tuple[str, str]]) -> dict[str, Any]:
     """A mix record: each question followed by the short-answer instruction, `<image>` first."""
     turns = []
@@ -277,6 +297,7 @@ def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
                             "outside the pool")
         mix_ids = sorted(random.Random(f"{seed}:vqa_mix:images").sample(outside, p.vqa_mix))
         mix = layout_mix(load_truths("train", mix_ids, qa_facts(train_qa), train_images)[0], seed)
+    inst = instruct_set(train_ids, set(pool_ids) | {_image_id(r["image"]) for r in mix}, train_qa, train_images, p, seed)
     caps = [{"id": f"cap-{i:06d}", "image": truths[i].image,
              "caption": caption(truths[i], random.Random(f"{seed}:caption:{i}"))} for i in cap_ids]
 
@@ -284,7 +305,7 @@ def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
         for name in ("images", "annotations", "benchmark"):
             shutil.rmtree(out / name, ignore_errors=True)
     used = sorted({(t.split, t.image_id) for t in truths.values()}
-                  | {(r["image"].split("/")[0], int(r["image"].removesuffix(".png").split("/")[1])) for r in vqa + pope + mix})
+                  | {(r["image"].split("/")[0], _image_id(r["image"])) for r in vqa + pope + mix + inst})
     from tqdm import tqdm
 
     for split, i in tqdm(used, desc="copy images", unit="img", disable=None, leave=False):
@@ -295,6 +316,7 @@ def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
     write_jsonl([oracle_row(i) for i in items], out / "oracle.jsonl")
     write_jsonl(caps, out / "captions.jsonl")
     write_records(mix, out / "vqa_mix.json", "json")
+    write_records(inst, out / "instruct.json", "json")
     _write_json(ann.question, out / "annotations" / "question.json")
     _write_json(ann.answer, out / "annotations" / "answer.json")
     _write_json(ann.tasks, out / "annotations" / "tasks.json")
@@ -321,6 +343,7 @@ def synthesize(p: SynthesizeParams, seed: int, out_dir: str | Path,
                                                                     / max(1, len(pope)), 4)},
         "captions": len(caps),
         "vqa_mix": len(mix),
+        "instruct": {"records": len(inst), "images": len({r["image"] for r in inst})},
         "images": len(used),
         # images whose pixel-measured shape/colour disagreed with easy-vqa's QA (the QA wins)
         "truth_pixel_qa_disagreements": mism + mism_test,
