@@ -46,8 +46,7 @@ def main(params_file: Path, metrics_dir: Path, verbose: bool, data: Path, pool: 
             m, steps = instruct(params, base_model=base.base_model, data=data, pool=pool, image_root=image_root,
                                 out_dir=out_dir, seed=base.seed, dtype=base.dtype,
                                 on_step=lambda step, values: run.log_step(values, step))
-            if steps:
-                write_steps_csv(steps, plots_dir / "steps.csv")
+            write_steps_csv(steps, plots_dir / "steps.csv")  # a passed-through model: the header only
             run.log_metrics(m)
     log.info("model -> %s in %.0f s", out_dir, m["seconds"])
 

@@ -303,7 +303,7 @@ def user_params(params: dict, user: dict[str, Path], checkpoint: Path) -> dict:
                              num_train_epochs=1, per_device_train_batch_size=8, per_device_eval_batch_size=8)
     p["score"].update(batch_size=8)
     p["select"].update(question_keep_ratio=0.5, keep_ratio=0.5)
-    p["restyle"].update(batch_size=2, max_new_tokens=8)
+    p["restyle"].update(batch_size=1, max_new_tokens=8)  # one update per record: an ETA line
     p["finetune"].update(layers_to_transform=None, lora_r=4, lora_alpha=8, max_length=700, max_steps=2,
                          per_device_train_batch_size=2)
     p["evaluate"].update(vqa_file=None, pope_file=None, eval_file=str(user["eval"]),

@@ -203,7 +203,9 @@ class RewardModel(_torch_module()):  # type: ignore[misc]
         import torch
 
         r = self.token_head(h.to(self.token_head.weight.dtype)).squeeze(-1)
-        mask = attention_mask.bool() & (torch_arange(h.shape[1], h.device) >= self.text_start)[None]
+        # each token's place among the row's real tokens (left or right padding alike)
+        place = attention_mask.long().cumsum(-1) - 1
+        mask = attention_mask.bool() & (place >= self.text_start)
         n = mask.sum(-1).clamp(min=1)
         return -torch.logsumexp((-r).masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0) + n.log()
 
