@@ -9,54 +9,27 @@ over the answer's tokens of log p(token | image, question, earlier tokens) minus
 the image, through the base's chat template. An answer that names what the image shows gains
 from the image, one that names something else loses, an evasive one neither. No training.
 
+The feature is `align2llava.models.grounding` (train_reward.grounding: image_pmi); the answer
+RM's reward here is the one `score` uses (its head, plus its own grounding term when it has one).
+
 Printed: validation pairwise accuracy per kind of conflict (as `answer_rm_diagnosis`) of the
 answer RM, of the PMI alone and of RM + w * PMI, with w chosen on the *training* pairs (the
-weight that orders most of them right, from a fixed grid); and the defect AUROC of the three on
-the independent test pool of `benchmarks.test_pool_auroc`.
+weight that orders most of them right, from a fixed grid); the defect AUROC of the three on
+the independent test pool of `benchmarks.test_pool_auroc`; and, for every w of the grid, the
+validation accuracy and test-pool AUROCs of RM + w * PMI (the trade-off a fixed weight makes).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import click
 
 from align2llava.ops.clikit import setup_logging, user_errors
 
 GRID = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
-
-
-class _Item:
-    def __init__(self, id: str, question: str, image: str | None):
-        self.id, self.question, self.image = id, question, image
-
-
-def image_pmi(model: Any, processor: Any, items: list[tuple[str, str, str]], image_root: Path | None,
-              batch_size: int = 16) -> list[float]:
-    """Mean per-token image PMI of each (image, question, answer)."""
-    from align2llava.progress import Progress
-    from align2llava.steps.evaluation.likelihood import _Scorer, continuation_ids
-
-    scorer = _Scorer(model, processor)
-    out: list[float] = []
-    progress = Progress(len(items), "image PMI", "answers", logging.getLogger(__name__))
-    for s in range(0, len(items), batch_size):
-        chunk = items[s: s + batch_size]
-        sums = []
-        for with_image in (True, False):
-            batch = [_Item(str(k), q, im if with_image else None) for k, (im, q, _) in enumerate(chunk)]
-            conts = [continuation_ids(processor, q, a, image=with_image, span="start") for _, q, a in chunk]
-            sums.append([row[0] for row in scorer.score(batch, conts, image_root=image_root, instruction="")])
-            if with_image:
-                lengths = [len(c) for c in conts]
-        out += [(a - b) / n for a, b, n in zip(sums[0], sums[1], lengths)]
-        progress.update(len(chunk))
-    progress.close()
-    return out
 
 
 def _accuracy(pairs: list[tuple[int, int]], score: list[float]) -> float:
@@ -74,7 +47,7 @@ def main(pairs_file: Path, answer_model: Path, image_root: Path, limit: int | No
     setup_logging()
     with user_errors():
         from align2llava.demo.synthesis.world import measure_image
-        from align2llava.models.loading import load_mllm
+        from align2llava.models.grounding import Grounding
         from align2llava.models.reward_model import (
             Encoder,
             answer_text,
@@ -109,10 +82,14 @@ def main(pairs_file: Path, answer_model: Path, image_root: Path, limit: int | No
         rm_pool = score_items(rm, enc_abs, [(answer_text(r.question, r.answer), str(r.image)) for r in pool], batch_size=32)
         del rm
         base = resolve_backbone(answer_model, read_reward_config(answer_model))
-        model, processor = load_mllm(base, dtype="float32")
-        model.eval()
-        pmi = image_pmi(model, processor, items, image_root)
-        pmi_pool = image_pmi(model, processor, [(str(r.image), r.question, r.answer) for r in pool], None)
+        ground = Grounding.load(base, image_root=image_root, dtype="float32")
+        pmi = ground.raw(items)
+        ground.image_root = None  # the test pool's images are absolute paths
+        pmi_pool = ground.raw([(str(r.image), r.question, r.answer) for r in pool])
+        own = float((meta.get("grounding") or {}).get("weight") or 0.0)
+        if own:  # the RM's own grounding term, as score adds it
+            rm_scores = [a + own * b for a, b in zip(rm_scores, pmi)]
+            rm_pool = [a + own * b for a, b in zip(rm_pool, pmi_pool)]
 
     best = max(GRID, key=lambda w: (_accuracy(index["train"], [a + w * b for a, b in zip(rm_scores, pmi)]), -w))
     combined = [a + best * b for a, b in zip(rm_scores, pmi)]
@@ -120,7 +97,7 @@ def main(pairs_file: Path, answer_model: Path, image_root: Path, limit: int | No
     classes: dict[str, list[int]] = defaultdict(list)
     for k, p in enumerate(val):
         classes[conflict(p["chosen"], p["rejected"], *truth_of[p["image"]])].append(k)
-    click.echo(f"answer RM {answer_model} (base {base}); w = {best} chosen on {len(train)} training pairs "
+    click.echo(f"answer RM {answer_model} (base {base}; its own grounding weight {own:g}); w = {best} chosen on {len(train)} training pairs "
                f"(training accuracy RM {_accuracy(index['train'], rm_scores):.3f}, combined "
                f"{_accuracy(index['train'], combined):.3f})")
     click.echo(f"{'validation':<10}  {'pairs':>5}  {'answer RM':>9}  {'image PMI':>9}  {'RM + w PMI':>10}")
@@ -135,6 +112,14 @@ def main(pairs_file: Path, answer_model: Path, image_root: Path, limit: int | No
     aurocs = {name: defect_auroc(pool, s) for name, s in scored.items()}
     for d in aurocs["answer RM"]:
         click.echo(f"{d:<20}  " + "  ".join(f"{name} {aurocs[name][d]:.3f}" for name in scored))
+    defects = list(aurocs["answer RM"])
+    click.echo("RM + w PMI for every w of the grid: training / validation pair accuracy, test-pool AUROC")
+    click.echo(f"{'w':>6}  {'train':>6}  {'val':>6}  " + "  ".join(f"{d:>18}" for d in defects))
+    for w in GRID:
+        pairs = [a + w * b for a, b in zip(rm_scores, pmi)]
+        auc = defect_auroc(pool, [a + w * b for a, b in zip(rm_pool, pmi_pool)])
+        click.echo(f"{w:>6g}  {_accuracy(index['train'], pairs):>6.3f}  {_accuracy(index['val'], pairs):>6.3f}  "
+                   + "  ".join(f"{auc[d]:>18.3f}" for d in defects))
 
 
 if __name__ == "__main__":

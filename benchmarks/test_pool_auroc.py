@@ -110,7 +110,14 @@ def main(question_model: Path, answer_model: Path, n_images: int, seed: int) -> 
     """Print the reward models' defect AUROC on an independently written test pool."""
     setup_logging()
     with user_errors():
-        from align2llava.models.reward_model import Encoder, load_reward_model, pair_text, question_text, score_items
+        from align2llava.models.reward_model import (
+            Encoder,
+            load_grounding,
+            load_reward_model,
+            pair_text,
+            question_text,
+            score_items,
+        )
 
         images, truth = read_test_images(n_images, seed)
         records = write_test_pool(images, truth, n_images, seed)
@@ -122,6 +129,11 @@ def main(question_model: Path, answer_model: Path, n_images: int, seed: int) -> 
                       str(r.image)) for r in records]
             scores[kind] = score_items(rm, enc, items, batch_size=32)
             del rm
+            grounding = load_grounding(path, meta, dtype="float32") if kind == "answer" else None
+            if grounding is not None:  # the answer reward's grounding term, as score adds it
+                extra = grounding([(str(r.image), r.question, r.answer) for r in records])
+                scores[kind] = [s + g for s, g in zip(scores[kind], extra)]
+                del grounding
     answer = defect_auroc([r for r in records if r.defect != "generic_question"],
                           [s for r, s in zip(records, scores["answer"]) if r.defect != "generic_question"])
     question = defect_auroc([r for r in records if r.defect in (None, "generic_question")],

@@ -24,6 +24,8 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 _PROBE = "zqxj probe 7"
+# What of a reply `continuation_ids` returns: the whole turn (end of turn included) or its start.
+SPANS = ("turn", "start")
 _STRUCTURED: dict[str, bool] = {}
 
 
@@ -192,3 +194,34 @@ def _crop_size(processor: Any) -> int:
     from align2llava.models.loading import image_size
 
     return image_size(processor)
+
+
+# ---------------------------------------------------------------------------- replies
+
+
+def continuation_ids(processor: Any, question: str, reply: str, *, instruction: str = "",
+                     image: bool = True, span: str = "turn") -> list[int]:
+    """Token ids of `reply` after the evaluation prompt. span "turn": the assistant's whole turn,
+    what the template renders after the generation prompt, trailing whitespace excluded, plus the
+    tokenizer's EOS when that holds no special token (finetune's labels).
+    span "start": the reply's own tokens only, no end of turn (the reply begins with it)."""
+    if span not in SPANS:
+        raise ValueError(f"likelihood span {span!r}: one of {', '.join(SPANS)}")
+    tok = processor.tokenizer
+    user = prompt_messages(question, instruction, image)
+    prompt = render(processor, user, generation_prompt=True)
+    if span == "start":
+        full = prompt + reply_lead(processor) + reply  # llava-hf's " " after "ASSISTANT:"
+    else:
+        full = render(processor, [*user, {"role": "assistant", "content": reply}]).rstrip()
+    head, ids = text_ids(tok, prompt), text_ids(tok, full)
+    if not full.startswith(prompt) or ids[: len(head)] != head or len(ids) == len(head):
+        raise Align2LlavaError(
+            f"scoring a reply: the prompt's tokens are not a prefix of the prompt followed by the reply "
+            f"{reply!r} (the chat template or the tokenizer is not prefix-stable), so the reply's tokens "
+            "cannot be scored (evaluate.likelihood: false turns that scoring off)"
+        )
+    cont = ids[len(head):]
+    if span == "turn" and tok.eos_token_id is not None and not set(cont) & set(tok.all_special_ids):
+        cont.append(tok.eos_token_id)
+    return cont

@@ -33,7 +33,7 @@ from align2llava.data.records import human_turns, qa_pairs, record_problems
 from align2llava.data.rejects import Rejects
 from align2llava.errors import DataError
 from align2llava.models.precision import resolve
-from align2llava.models.reward_model import answer_text, load_reward_model, question_text, score_items
+from align2llava.models.reward_model import answer_text, load_grounding, load_reward_model, question_text, score_items
 from align2llava.models.runtime import process_state
 from align2llava.progress import Progress
 
@@ -104,12 +104,17 @@ def record_size(rec: dict[str, Any]) -> int:
 
 def record_items(rec: dict[str, Any]) -> tuple[str, list[list[str]]]:
     """(f's text, per turn the list of g texts, one per candidate answer)."""
-    q = question_text(human_turns(rec))
+    q, turns = record_answers(rec)
+    return q, [[answer_text(question, a) for question, a in cands] for cands in turns]
+
+
+def record_answers(rec: dict[str, Any]) -> tuple[str, list[list[tuple[str, str]]]]:
+    """(f's text, per turn the (question, answer) pairs g reads, one per candidate answer)."""
     turns = []
     for question, answer in qa_pairs(rec):
         cands = answer if isinstance(answer, list) else [answer]
-        turns.append([answer_text(question, a) for a in cands])
-    return q, turns
+        turns.append([(question, a) for a in cands])
+    return question_text(human_turns(rec)), turns
 
 
 # ----------------------------------------------------------------------------- models
@@ -123,6 +128,8 @@ class RewardModels:
     a_encoder: Any
     device: Any
     meta: dict[str, Any] = field(default_factory=dict)
+    # the answer RM's grounding term (models.grounding), None when it has none
+    grounding: Any = None
 
 
 def load_reward_models(question_dir: str | Path, answer_dir: str | Path, *, image_root: str | Path | None,
@@ -134,9 +141,11 @@ def load_reward_models(question_dir: str | Path, answer_dir: str | Path, *, imag
     for d, meta, kind in ((question_dir, qmeta, "question"), (answer_dir, ameta, "answer")):
         if meta["kind"] != kind:
             raise DataError(f"{d}: is a {meta['kind']} reward model, expected the {kind} one")
+    grounding = load_grounding(answer_dir, ameta, backbone=backbone, image_root=image_root, dtype=dtype,
+                               device=device)
     return RewardModels(q, a, Encoder(qproc, qmeta["max_length"], image_root),
                         Encoder(aproc, ameta["max_length"], image_root), device,
-                        {"question": qmeta, "answer": ameta})
+                        {"question": qmeta, "answer": ameta}, grounding)
 
 
 def score_records(models: RewardModels, records: Sequence[dict[str, Any]], batch_size: int,
@@ -145,17 +154,20 @@ def score_records(models: RewardModels, records: Sequence[dict[str, Any]], batch
     q_items, a_items, layout = [], [], []
     for rec in records:
         image = rec.get("image") or None
-        q, turns = record_items(rec)
+        q, turns = record_answers(rec)
         q_items.append((q, image))
         spans = []
         for cands in turns:
             spans.append((len(a_items), len(cands)))
-            a_items.extend((t, image) for t in cands)
+            a_items.extend((image, question, answer) for question, answer in cands)
         layout.append(spans)
     qs = score_items(models.question, models.q_encoder, q_items, batch_size=batch_size,
                      device=models.device, progress="question RM" if progress else None, meter=meter)
-    ans = score_items(models.answer, models.a_encoder, a_items, batch_size=batch_size,
-                      device=models.device, progress="answer RM" if progress else None, meter=meter)
+    ans = score_items(models.answer, models.a_encoder, [(answer_text(q, a), im) for im, q, a in a_items],
+                      batch_size=batch_size, device=models.device, progress="answer RM" if progress else None,
+                      meter=meter)
+    if models.grounding is not None:  # g = head + weight x grounding (models.grounding)
+        ans = [r + g for r, g in zip(ans, models.grounding(a_items, meter))]
     rows = []
     for rec, qscore, spans in zip(records, qs, layout):
         turns = []
@@ -263,6 +275,8 @@ def score_pool(
                                     dtype=params.dtype, device=state.device, backbone=params.backbone)
         t1 = time.time()
         total = sum(record_size(r) for k in todo for r in shards[k])
+        if models.grounding is not None:  # two grounding passes (with and without the image) per answer
+            total += 2 * sum(record_size(r) - 1 for k in todo for r in shards[k])
         desc = "score" if world == 1 else f"score (process {rank})"
         meter = Progress(total, desc, "items", log)  # items: one per record (question) + one per answer
         for done, k in enumerate(todo):

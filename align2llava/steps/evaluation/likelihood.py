@@ -41,14 +41,13 @@ from pathlib import Path
 from typing import Any
 
 from align2llava.errors import Align2LlavaError
-from align2llava.models.chat import prompt_messages, render, reply_lead, text_ids
+from align2llava.models.chat import SPANS, continuation_ids  # noqa: F401  (evaluation's names)
 from align2llava.steps.evaluation.answers import normalize
 
 log = logging.getLogger(__name__)
 
 REPLY_FORMAT = "{Answer}"
 # What of a candidate reply is scored: the whole turn (end of turn included) or its start.
-SPANS = ("turn", "start")
 # What each score is measured against: nothing, or the same question asked without the image.
 PRIORS = ("none", "no_image")
 YES_NO = ("no", "yes")
@@ -80,34 +79,6 @@ def candidate_sets(items: list[Any], yes_no_types: set[str] | frozenset[str] = f
             forms.setdefault(normalize(a), a)
     yes_no = {it.type for it in items if it.type in yes_no_types or it.source == "pope"}
     return {t: list(YES_NO) if t in yes_no else sorted(forms.values()) for t, forms in golds.items()}
-
-
-def continuation_ids(processor: Any, question: str, reply: str, *, instruction: str = "",
-                     image: bool = True, span: str = "turn") -> list[int]:
-    """Token ids of `reply` after the evaluation prompt. span "turn": the assistant's whole turn,
-    what the template renders after the generation prompt, trailing whitespace excluded, plus the
-    tokenizer's EOS when that holds no special token (finetune's labels, steps/finetune/data.py).
-    span "start": the reply's own tokens only, no end of turn (the reply begins with it)."""
-    if span not in SPANS:
-        raise ValueError(f"likelihood span {span!r}: one of {', '.join(SPANS)}")
-    tok = processor.tokenizer
-    user = prompt_messages(question, instruction, image)
-    prompt = render(processor, user, generation_prompt=True)
-    if span == "start":
-        full = prompt + reply_lead(processor) + reply  # llava-hf's " " after "ASSISTANT:"
-    else:
-        full = render(processor, [*user, {"role": "assistant", "content": reply}]).rstrip()
-    head, ids = text_ids(tok, prompt), text_ids(tok, full)
-    if not full.startswith(prompt) or ids[: len(head)] != head or len(ids) == len(head):
-        raise Align2LlavaError(
-            f"likelihood scoring: the prompt's tokens are not a prefix of the prompt followed by the reply "
-            f"{reply!r} (the chat template or the tokenizer is not prefix-stable), so the reply's tokens "
-            "cannot be scored; set evaluate.likelihood: false"
-        )
-    cont = ids[len(head):]
-    if span == "turn" and tok.eos_token_id is not None and not set(cont) & set(tok.all_special_ids):
-        cont.append(tok.eos_token_id)
-    return cont
 
 
 def rank_candidates(

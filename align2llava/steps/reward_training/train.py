@@ -65,6 +65,11 @@ class TrainRewardParams(Section):
     # minimum of a second head over every text token: a single token that contradicts the image
     # can pull the reward down, wherever it sits in the answer).
     pooling: Literal["last", "last+min"] = "last+min"  # paper: last
+    # Not in the paper (none = off): the answer RM adds the base MLLM's own image grounding of
+    # the answer (models.grounding: its mean per-token image PMI), times grounding_weight; null:
+    # the weight is fitted on the training pairs first, and the head learns the rest on top.
+    grounding: Literal["none", "image_pmi"] = "none"
+    grounding_weight: float | None = Field(None, ge=0.0)
     # Validate every N optimizer steps (0: once per epoch) and at the end.
     eval_steps: int = Field(10, ge=0)
     per_device_eval_batch_size: int = Field(32, ge=1)
@@ -165,21 +170,24 @@ class _PairData:
 
     def __init__(self, kind: str, pairs: Sequence[dict[str, Any]], encoder: Encoder):
         self.items: list[tuple[list[int], str | None]] = []
+        self.triples: list[tuple[str | None, str, str]] = []  # (image, prompt, candidate) per item
         self.index: dict[tuple[str | None, str], int] = {}
         self.pairs: list[tuple[int, int]] = []
         self.groups: dict[str, list[int]] = {}
         for n, p in enumerate(pairs):
             img = p.get("image") or None
-            c = self._add(img, pair_text(kind, p["prompt"], p["chosen"]), encoder)
-            r = self._add(p.get("rejected_image", img), pair_text(kind, p["prompt"], p["rejected"]), encoder)
+            c = self._add(img, kind, p["prompt"], p["chosen"], encoder)
+            r = self._add(p.get("rejected_image", img), kind, p["prompt"], p["rejected"], encoder)
             self.pairs.append((c, r))
             self.groups.setdefault(p["group"], []).append(n)
 
-    def _add(self, image: str | None, text: str, encoder: Encoder) -> int:
+    def _add(self, image: str | None, kind: str, prompt: str, candidate: str, encoder: Encoder) -> int:
+        text = pair_text(kind, prompt, candidate)
         key = (image, text)
         if key not in self.index:
             self.index[key] = len(self.items)
             self.items.append((encoder.ids(text, image is not None), image))
+            self.triples.append((image, prompt, candidate))
         return self.index[key]
 
     def length_baseline(self) -> float:
@@ -237,17 +245,50 @@ def _cached_batch(cache: list[Any], idx: Sequence[int]) -> dict[str, Any]:
 
 
 def _rewards_of(rm: Any, data: _PairData, cache: list[Any] | None, encoder: Encoder,
-                idx: Sequence[int], device: Any, dtype: Any) -> Any:
+                idx: Sequence[int], device: Any, dtype: Any, offset: Any = None) -> Any:
     if cache is not None:
         batch = _cached_batch(cache, idx)
     else:
         batch = encoder.batch([data.items[i] for i in idx], dtype=dtype)
         batch = {k: v.to(device) for k, v in batch.items()}
-    return rm(**batch)
+    r = rm(**batch)
+    if offset is not None:  # the fixed grounding term (a tensor over data.items)
+        r = r + offset[list(idx)].to(r.device, r.dtype)
+    return r
+
+
+def _grounding_offsets(base_model: str | Path, params: TrainRewardParams, train: _PairData, val: _PairData,
+                       image_root: str | Path | None, device: Any) -> tuple[dict[str, Any], Any, Any]:
+    """The grounding term of every training and validation text, its weight (given, or fitted
+    on the training pairs) and the reward_config.json entry."""
+    import torch
+
+    from align2llava.models.grounding import Grounding, fit_weight
+
+    t0 = time.time()
+    ground = Grounding.load(base_model, image_root=image_root, dtype=params.dtype, device=device,
+                            batch_size=params.per_device_eval_batch_size)
+    with Progress(2 * (len(train.triples) + len(val.triples)), "answer grounding", "passes", log) as meter:
+        g_train = ground.raw(train.triples, meter)
+        g_val = ground.raw(val.triples, meter) if val.triples else []
+    del ground
+    weight = params.grounding_weight
+    fitted = weight is None
+    if weight is None:
+        weight = fit_weight([g_train[c] for c, _ in train.pairs], [g_train[r] for _, r in train.pairs])
+    acc = pairwise_accuracy([g_train[c] for c, _ in train.pairs], [g_train[r] for _, r in train.pairs])
+    val_acc = pairwise_accuracy([g_val[c] for c, _ in val.pairs], [g_val[r] for _, r in val.pairs]) if val.pairs else None
+    log.info("answer RM: grounding %s, weight %.3f (%s); alone it orders %.3f of the training pairs%s, in %.0f s",
+             params.grounding, weight, "fitted on the training pairs" if fitted else "given", acc,
+             f" and {val_acc:.3f} of the validation pairs" if val_acc is not None else "", time.time() - t0)
+    entry = {"feature": params.grounding, "weight": weight, "fitted": fitted,
+             "train_pair_accuracy": acc, "val_pair_accuracy": val_acc}
+    as_tensor = lambda g: torch.tensor([weight * x for x in g], dtype=torch.float32)  # noqa: E731
+    return entry, as_tensor(g_train), as_tensor(g_val) if g_val else None
 
 
 def _evaluate(rm: RewardModel, data: _PairData, cache: list[Any] | None, encoder: Encoder,
-              batch_size: int, device: Any, desc: str = "validate") -> float:
+              batch_size: int, device: Any, desc: str = "validate", offset: Any = None) -> float:
     import torch
 
     dtype = next(p.dtype for p in rm.llava().parameters())
@@ -258,7 +299,7 @@ def _evaluate(rm: RewardModel, data: _PairData, cache: list[Any] | None, encoder
     with torch.no_grad(), Progress(len(order), desc, "texts", log, bar=False) as progress:
         for s in range(0, len(order), batch_size):
             chunk = order[s : s + batch_size]
-            r = _rewards_of(rm, data, cache, encoder, chunk, device, dtype).float().cpu().tolist()
+            r = _rewards_of(rm, data, cache, encoder, chunk, device, dtype, offset).float().cpu().tolist()
             for i, v in zip(chunk, r):
                 scores[i] = v
             progress.update(len(chunk), tok=sum(len(data.items[i][0]) for i in chunk))
@@ -304,6 +345,11 @@ def train_reward_model(
              "params%s", kind, len(train), len(aug), len(val), len(train_data.items), f"{n_train:,}",
              f", frozen-prefix cache below layer {rm.start_layer}" if rm.start_layer else "")
     dtype = next(p.dtype for p in rm.llava().parameters())
+    train_offset = val_offset = None
+    grounding = None
+    if kind == "answer" and params.grounding != "none":
+        grounding, train_offset, val_offset = _grounding_offsets(base_model, params, train_data, val_data,
+                                                                 image_root, device)
     train_cache = val_cache = None
     if rm.start_layer is not None:
         train_cache = _cache_prefix(rm, encoder, train_data, params.per_device_eval_batch_size, device, f"{kind} prefix")
@@ -343,7 +389,7 @@ def train_reward_model(
                 step_pairs += len(idx)
                 step_tokens += sum(len(train_data.items[t][0]) for t in texts)
                 pos = {t: k for k, t in enumerate(texts)}
-                r = _rewards_of(model, train_data, train_cache, encoder, texts, device, dtype)
+                r = _rewards_of(model, train_data, train_cache, encoder, texts, device, dtype, train_offset)
                 c = torch.tensor([pos[train_data.pairs[i][0]] for i in idx], device=r.device)
                 j = torch.tensor([pos[train_data.pairs[i][1]] for i in idx], device=r.device)
                 loss = -torch.nn.functional.logsigmoid(r[c] - r[j]).mean()
@@ -363,7 +409,8 @@ def train_reward_model(
             row: dict[str, Any] = {"step": step, "loss": last_loss, "val_accuracy": None}
             if val and (step % eval_every == 0 or step == total):
                 row["val_accuracy"] = _evaluate(rm, val_data, val_cache, encoder,
-                                                params.per_device_eval_batch_size, device, f"{kind} RM validation")
+                                                params.per_device_eval_batch_size, device, f"{kind} RM validation",
+                                                val_offset)
                 model.train()
             curve.append(row)
             if on_step is not None and accelerator.is_main_process:
@@ -378,7 +425,7 @@ def train_reward_model(
     accelerator.wait_for_everyone()
     if out_dir is not None and accelerator.is_main_process:
         save_reward_model(accelerator.unwrap_model(model), out_dir, kind=kind, backbone=str(base_model),
-                          max_length=params.max_length)
+                          max_length=params.max_length, grounding=grounding)
     accelerator.wait_for_everyone()
     return TrainResult(kind, acc, length_acc, len(train), len(aug), len(val), step, last_loss,
                        time.time() - t0, curve, n_train, accelerator.unwrap_model(model), encoder)
