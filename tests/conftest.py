@@ -39,6 +39,18 @@ def _isolated_env(tmp_path_factory, monkeypatch):
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and one thread is robust on a busy machine.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> Path:
     """A random-weight LLaVA folder (HF layout): 2-layer Llama + 2-layer CLIP, 32x32 images."""

@@ -11,15 +11,7 @@ from align2llava.models.reward_model import load_grounding, read_reward_config
 from align2llava.steps.reward_training.train import TrainRewardParams, train_reward_model
 from tests.test_reward import TINY, _pairs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _reference_log_probs(model, processor, image_root, image, question, answer):

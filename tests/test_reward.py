@@ -28,16 +28,7 @@ from align2llava.steps.reward_training.train import (
 )
 from tests.conftest import assert_summary_keys
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and one thread is robust on a busy machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, dtype="float32", max_length=64,
             per_device_train_batch_size=8, per_device_eval_batch_size=16, warmup_ratio=0.0)

@@ -23,16 +23,7 @@ from align2llava.steps.scoring import (
 )
 from tests.conftest import ROOT, assert_summary_keys, llava_record, make_image
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, and one thread is robust on a busy machine."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")
