@@ -15,7 +15,8 @@ RM's reward here is the one `score` uses (its head, plus its own grounding term 
 Printed: validation pairwise accuracy per kind of conflict (as `answer_rm_diagnosis`) of the
 answer RM, of the PMI alone and of RM + w * PMI, with w chosen on the *training* pairs (the
 weight that orders most of them right, from a fixed grid); the defect AUROC of the three on
-the independent test pool of `benchmarks.test_pool_auroc`; and, for every w of the grid, the
+the independent test pool of `benchmarks.test_pool_auroc`, and their paired accuracy there (clean
+over defective for the same image and question); and, for every w of the grid, the
 validation accuracy and test-pool AUROCs of RM + w * PMI (the trade-off a fixed weight makes).
 """
 
@@ -57,7 +58,7 @@ def main(pairs_file: Path, answer_model: Path, image_root: Path, limit: int | No
             score_items,
         )
         from benchmarks.answer_rm_diagnosis import CLASSES, conflict
-        from benchmarks.test_pool_auroc import defect_auroc, read_test_images, write_test_pool
+        from benchmarks.test_pool_auroc import defect_auroc, paired_accuracy, read_test_images, write_test_pool
 
         rows = [json.loads(line) for line in pairs_file.read_text(encoding="utf-8").splitlines() if line.strip()]
         answer = [p for p in rows if p["kind"] == "answer"]
@@ -112,6 +113,10 @@ def main(pairs_file: Path, answer_model: Path, image_root: Path, limit: int | No
     aurocs = {name: defect_auroc(pool, s) for name, s in scored.items()}
     for d in aurocs["answer RM"]:
         click.echo(f"{d:<20}  " + "  ".join(f"{name} {aurocs[name][d]:.3f}" for name in scored))
+    click.echo("test pool, same image and question: how often the clean answer outscores the defective one")
+    paired = {name: paired_accuracy(pool, s) for name, s in scored.items()}
+    for d in paired["answer RM"]:
+        click.echo(f"{d:<20}  " + "  ".join(f"{name} {paired[name][d]:.3f}" for name in scored))
     defects = list(aurocs["answer RM"])
     click.echo("RM + w PMI for every w of the grid: training / validation pair accuracy, test-pool AUROC")
     click.echo(f"{'w':>6}  {'train':>6}  {'val':>6}  " + "  ".join(f"{d:>18}" for d in defects))

@@ -101,6 +101,18 @@ def defect_auroc(records: list[Record], scores: list[float]) -> dict[str, float]
             for d in DEFECTS if any(r.defect == d for r in records)}
 
 
+def paired_accuracy(records: list[Record], scores: list[float]) -> dict[str, float]:
+    """Per defect: how often the clean answer outscores the defective one written for the same
+    image and question (ties count half). Unlike `defect_auroc` it compares no two images."""
+    clean = {(str(r.image), r.question): s for r, s in zip(records, scores) if r.defect is None}
+    wins: dict[str, list[float]] = {}
+    for r, s in zip(records, scores):
+        c = clean.get((str(r.image), r.question))
+        if r.defect is not None and c is not None:
+            wins.setdefault(r.defect, []).append((c > s) + 0.5 * (c == s))
+    return {d: sum(w) / len(w) for d, w in wins.items()}
+
+
 @click.command()
 @click.option("--question-model", default="models/train_reward/question", show_default=True, type=click.Path(path_type=Path))
 @click.option("--answer-model", default="models/train_reward/answer", show_default=True, type=click.Path(path_type=Path))

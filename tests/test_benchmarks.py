@@ -198,3 +198,22 @@ def test_independent_test_pool_is_true_to_the_image_and_shares_no_sentence_form(
     # AUROC: clean over defective
     scores = [0.0 if r.defect else 1.0 for r in records]
     assert set(defect_auroc(records, scores).values()) == {1.0}
+
+
+def test_paired_accuracy_compares_within_an_image_where_auroc_compares_across():
+    from pathlib import Path
+
+    from align2llava.demo.synthesis.world import COLORS, SHAPES
+    from benchmarks.test_pool_auroc import defect_auroc, paired_accuracy, write_test_pool
+
+    truth = {i: (SHAPES[i % 3], COLORS[i % 8]) for i in range(20)}
+    records = write_test_pool({i: Path(f"{i}.png") for i in truth}, truth, 20, seed=0)
+    # a per-image level far larger than the clean answer's lead: right within each image, not across
+    scores = [10.0 * int(r.image.stem) + (0.0 if r.defect else 1.0) for r in records]
+    paired = paired_accuracy(records, scores)
+    # generic questions are other questions: no clean answer to the same one
+    assert set(paired) == {"hallucinated_color", "hallucinated_shape", "evasive"}
+    assert set(paired.values()) == {1.0}
+    assert all(a < 0.6 for a in defect_auroc(records, scores).values())
+    # reversed within each image: 0
+    assert set(paired_accuracy(records, [-s for s in scores]).values()) == {0.0}
