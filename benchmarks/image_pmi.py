@@ -9,7 +9,7 @@ over the answer's tokens of log p(token | image, question, earlier tokens) minus
 the image, through the base's chat template. An answer that names what the image shows gains
 from the image, one that names something else loses, an evasive one neither. No training.
 
-The feature is `align2llava.models.grounding` (train_reward.grounding: image_pmi); the answer
+The feature is `align2llava.steps.grounding` (train_reward.grounding: image_pmi); the answer
 RM's reward here is the one `score` uses (its head, plus its own grounding term when it has one).
 
 Printed: validation pairwise accuracy per kind of conflict (as `answer_rm_diagnosis`) of the
@@ -48,7 +48,6 @@ def main(pairs_file: Path, answer_model: Path, image_root: Path, limit: int | No
     setup_logging()
     with user_errors():
         from align2llava.demo.synthesis.world import measure_image
-        from align2llava.models.grounding import Grounding
         from align2llava.models.reward_model import (
             Encoder,
             answer_text,
@@ -57,6 +56,7 @@ def main(pairs_file: Path, answer_model: Path, image_root: Path, limit: int | No
             resolve_backbone,
             score_items,
         )
+        from align2llava.steps.grounding import Grounding
         from benchmarks.answer_rm_diagnosis import CLASSES, conflict
         from benchmarks.test_pool_auroc import defect_auroc, paired_accuracy, read_test_images, write_test_pool
 

@@ -124,12 +124,12 @@ def main(question_model: Path, answer_model: Path, n_images: int, seed: int) -> 
     with user_errors():
         from align2llava.models.reward_model import (
             Encoder,
-            load_grounding,
             load_reward_model,
             pair_text,
             question_text,
             score_items,
         )
+        from align2llava.steps.grounding import load_grounding
 
         images, truth = read_test_images(n_images, seed)
         records = write_test_pool(images, truth, n_images, seed)

@@ -1,4 +1,4 @@
-"""The answer reward's grounding term (models.grounding) and how training and scoring use it."""
+"""The answer reward's grounding term (steps.grounding) and how training and scoring use it."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from align2llava.models.grounding import Grounding, fit_weight
-from align2llava.models.reward_model import load_grounding, read_reward_config
+from align2llava.models.reward_model import read_reward_config
+from align2llava.steps.grounding import Grounding, fit_weight, load_grounding
 from align2llava.steps.reward_training.train import TrainRewardParams, train_reward_model
 from tests.test_reward import TINY, _pairs
 

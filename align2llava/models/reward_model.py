@@ -308,8 +308,8 @@ def backbone_reference(backbone: str | Path, out_dir: str | Path) -> str:
 def save_reward_model(rm: RewardModel, out_dir: str | Path, *, kind: str, backbone: str,
                       max_length: int, grounding: dict[str, Any] | None = None) -> Path:
     """DIR/reward_config.json + DIR/reward_head.safetensors (+ the peft adapter). `grounding`:
-    the answer RM's grounding term ({"feature", "weight", ...}; models.grounding), added to the
-    head's reward by whoever scores with it (`load_grounding`)."""
+    the answer RM's grounding term ({"feature", "weight", ...}; steps.grounding), added to the
+    head's reward by whoever scores with it (`steps.grounding.load_grounding`)."""
     from safetensors.torch import save_file
 
     from align2llava.models.loading import checkpoint_fingerprint
@@ -388,24 +388,6 @@ def resolve_backbone(path: Path, meta: dict[str, Any], backbone: str | Path | No
                             f"(content fingerprint {got[:12]}, reward_config.json has {want[:12]}); point "
                             "score.backbone (or backbone=) at that checkpoint, or retrain the reward models")
     return base
-
-
-def load_grounding(path: str | Path, meta: dict[str, Any], *, backbone: str | Path | None = None,
-                   image_root: str | Path | None = None, dtype: str = "auto", device: Any = "cpu",
-                   batch_size: int = 16) -> Any:
-    """The grounding term a reward model's config names (models.grounding.Grounding, on the
-    model's backbone with its LM head, at the config's weight), or None when it has none."""
-    from align2llava.models.grounding import FEATURES, Grounding
-
-    entry = meta.get("grounding")
-    if not entry or entry.get("feature", "none") == "none":
-        return None
-    if entry.get("feature") not in FEATURES or not isinstance(entry.get("weight"), (int, float)):
-        raise DataError(f"{Path(path) / CONFIG_FILE}: grounding {entry!r} is not one this version reads "
-                        f"(feature one of {', '.join(FEATURES[1:])}, a numeric weight)")
-    base = resolve_backbone(Path(path), meta, backbone)
-    return Grounding.load(base, weight=float(entry["weight"]), image_root=image_root, dtype=dtype,
-                          device=device, batch_size=batch_size)
 
 
 def load_reward_model(path: str | Path, *, backbone: str | Path | None = None, dtype: str = "auto",

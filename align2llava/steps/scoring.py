@@ -33,9 +33,10 @@ from align2llava.data.records import human_turns, qa_pairs, record_problems
 from align2llava.data.rejects import Rejects
 from align2llava.errors import DataError
 from align2llava.models.precision import resolve
-from align2llava.models.reward_model import answer_text, load_grounding, load_reward_model, question_text, score_items
+from align2llava.models.reward_model import answer_text, load_reward_model, question_text, score_items
 from align2llava.models.runtime import process_state
 from align2llava.progress import Progress
+from align2llava.steps.grounding import load_grounding
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class RewardModels:
     a_encoder: Any
     device: Any
     meta: dict[str, Any] = field(default_factory=dict)
-    # the answer RM's grounding term (models.grounding), None when it has none
+    # the answer RM's grounding term (steps.grounding), None when it has none
     grounding: Any = None
 
 
@@ -166,7 +167,7 @@ def score_records(models: RewardModels, records: Sequence[dict[str, Any]], batch
     ans = score_items(models.answer, models.a_encoder, [(answer_text(q, a), im) for im, q, a in a_items],
                       batch_size=batch_size, device=models.device, progress="answer RM" if progress else None,
                       meter=meter)
-    if models.grounding is not None:  # g = head + weight x grounding (models.grounding)
+    if models.grounding is not None:  # g = head + weight x grounding (steps.grounding)
         ans = [r + g for r, g in zip(ans, models.grounding(a_items, meter))]
     rows = []
     for rec, qscore, spans in zip(records, qs, layout):

@@ -66,7 +66,7 @@ class TrainRewardParams(Section):
     # can pull the reward down, wherever it sits in the answer).
     pooling: Literal["last", "last+min"] = "last+min"  # paper: last
     # Not in the paper (none = off): the answer RM adds the base MLLM's own image grounding of
-    # the answer (models.grounding: its mean per-token image PMI), times grounding_weight; null:
+    # the answer (steps.grounding: its mean per-token image PMI), times grounding_weight; null:
     # the weight is fitted on the training pairs first, and the head learns the rest on top.
     grounding: Literal["none", "image_pmi"] = "none"
     grounding_weight: float | None = Field(None, ge=0.0)
@@ -263,7 +263,7 @@ def _grounding_offsets(base_model: str | Path, params: TrainRewardParams, train:
     on the training pairs) and the reward_config.json entry."""
     import torch
 
-    from align2llava.models.grounding import Grounding, fit_weight
+    from align2llava.steps.grounding import Grounding, fit_weight
 
     t0 = time.time()
     ground = Grounding.load(base_model, image_root=image_root, dtype=params.dtype, device=device,
