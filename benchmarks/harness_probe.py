@@ -7,7 +7,9 @@ evaluate it on a benchmark slice, outside the pipeline (no scoring or restyle ne
         --set evaluate.likelihood_span=start --set evaluate.likelihood_prior=no_image
 
 Demo only. Methods: oracle (per task, a seeded shuffle, then the records the demo oracle marks
-clean first), defective (the records it marks defective first: a lower bound), random (the seeded shuffle), all (the whole pool), base (no fine-tune). The
+clean first), defective (the records it marks defective first: a lower bound), random (the seeded shuffle), all (the whole pool), base (no fine-tune),
+given (the dataset --data names: the select stage's data/select/selected.json for the reward path's
+selection without restyle, restyle's data/restyle/curated.json with it). The
 benchmark slice is the first --per-type questions of each vqa type and --pope-per-answer
 present and absent POPE probes of the benchmark folder. Params come from params.yaml with base
 pointed at the pool and the checkpoint, and any --set SECTION.KEY=YAML. Every fine-tune also trains on finetune.mix
@@ -64,7 +66,9 @@ def bench_slice(src: Path, dst: Path, per_type: int, pope_per_answer: int) -> No
 @click.command()
 @click.option("--pool-dir", default="data/synthesize", show_default=True, type=click.Path(path_type=Path),
               help="A synthesize output folder (pool.json, oracle.jsonl, images/).")
-@click.option("--method", type=click.Choice(["oracle", "defective", "random", "all", "base"]), required=True)
+@click.option("--method", type=click.Choice(["oracle", "defective", "random", "all", "base", "given"]), required=True)
+@click.option("--data", "data_file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="--method given: the LLaVA JSON dataset to fine-tune on (its ids are looked up in the oracle).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--per-task", default=27, show_default=True, help="Records per task type (27 of 300: 9%).")
 @click.option("--keep-ratio", type=float, default=None,
@@ -81,11 +85,13 @@ def bench_slice(src: Path, dst: Path, per_type: int, pope_per_answer: int) -> No
 @click.option("--results", default=".cache/probe/results.jsonl", show_default=True, type=click.Path(path_type=Path))
 @click.option("--reuse-model", is_flag=True, help="Evaluate the model a finished run left in OUT_DIR/model (same "
               "options) instead of fine-tuning again, e.g. on a larger --per-type / --pope-per-answer slice.")
-def main(pool_dir: Path, method: str, seed: int, per_task: int, keep_ratio: float | None, base_model: Path, bench_dir: Path,
+def main(pool_dir: Path, method: str, data_file: Path | None, seed: int, per_task: int, keep_ratio: float | None, base_model: Path, bench_dir: Path,
          bench_images: Path, per_type: int, pope_per_answer: int, mix: str | None, sets: tuple[str, ...], out_dir: Path,
          results: Path, reuse_model: bool) -> None:
     """Fine-tune on one subset (or none) and evaluate; print and append one result row."""
     with user_errors():
+        if (method == "given") != (data_file is not None):
+            raise click.UsageError("--data goes with --method given, and --method given needs --data")
         out_dir = out_dir.resolve()
         out_dir.mkdir(parents=True, exist_ok=True)
         # the first slice keeps the folder names of earlier runs; another slice gets its own
@@ -116,12 +122,19 @@ def main(pool_dir: Path, method: str, seed: int, per_task: int, keep_ratio: floa
         env = {**os.environ, "ALIGN2LLAVA_NO_MLFLOW": "1"}
         common = ["--params", str(params_file), "--metrics-dir", str(out_dir)]
         t0 = time.perf_counter()
-        row: dict = {"method": method, "seed": seed, "pool": str(pool_dir), "set": list(sets), "keep_ratio": keep_ratio,
+        row: dict = {"method": method, "data": str(data_file) if data_file else None, "seed": seed, "pool": str(pool_dir), "set": list(sets), "keep_ratio": keep_ratio,
                      "per_type": per_type, "pope_per_answer": pope_per_answer, "reused_model": reuse}
         if method != "base":
             pool = json.loads((pool_dir / "pool.json").read_text())
             oracle = {r["id"]: not r["defects"] for r in map(json.loads, (pool_dir / "oracle.jsonl").read_text().splitlines())}
-            chosen = subset(pool, oracle, method, seed, per_task, keep_ratio)
+            if data_file is None:
+                chosen = subset(pool, oracle, method, seed, per_task, keep_ratio)
+            else:
+                chosen = json.loads(data_file.read_text())
+                unknown = [r.get("id") for r in chosen if r.get("id") not in oracle]
+                if unknown:
+                    raise click.UsageError(f"{data_file}: {len(unknown)} records not in {pool_dir / 'oracle.jsonl'}, "
+                                           f"first id {unknown[0]!r}")
             (out_dir / "subset.json").write_text(json.dumps(chosen))
             row.update(records=len(chosen), clean_share=round(sum(oracle[r["id"]] for r in chosen) / len(chosen), 3))
             if not reuse:

@@ -217,3 +217,25 @@ def test_paired_accuracy_compares_within_an_image_where_auroc_compares_across():
     assert all(a < 0.6 for a in defect_auroc(records, scores).values())
     # reversed within each image: 0
     assert set(paired_accuracy(records, [-s for s in scores]).values()) == {0.0}
+
+
+def test_harness_probe_given_needs_data_and_names_records_outside_the_pool(tmp_path):
+    from click.testing import CliRunner
+
+    from benchmarks.harness_probe import main
+
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "vqa.jsonl").write_text('{"id": "q", "image": "a.png", "question": "What colour?", "answer": "red", "type": "color"}\n')
+    (bench / "pope.jsonl").write_text('{"id": "p", "image": "a.png", "question": "Is there a circle?", "answer": "no", "type": "pope"}\n')
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    (pool / "pool.json").write_text('[{"id": "a", "task": "vqa"}]')
+    (pool / "oracle.jsonl").write_text('{"id": "a", "defects": []}\n')
+    data = tmp_path / "selected.json"
+    data.write_text('[{"id": "a"}, {"id": "zz"}]')
+    common = ["--bench-dir", str(bench), "--pool-dir", str(pool), "--out-dir", str(tmp_path / "run")]
+    out = CliRunner().invoke(main, ["--method", "given", *common])
+    assert out.exit_code != 0 and "needs --data" in out.output and "Traceback" not in out.output
+    out = CliRunner().invoke(main, ["--method", "given", "--data", str(data), *common])
+    assert out.exit_code != 0 and "1 records not in" in out.output and "'zz'" in out.output

@@ -265,3 +265,36 @@ def test_harness_summary_reads_probe_rows_and_names_a_bad_line(tmp_path):
     f.write_text(f.read_text() + "{oops\n")
     out = CliRunner().invoke(main, [str(f)])
     assert out.exit_code != 0 and f"{f}: line 5: not a harness-probe row" in out.output and "Traceback" not in out.output
+
+
+def test_headline_checks_reward_against_random_and_full():
+    from align2llava.ops.harness import headline_checks
+
+    rows = (_rows("reward", [0.62, 0.60, 0.64]) + _rows("random", [0.50, 0.52, 0.51])
+            + _rows("full", [0.61], ratio=1.0))
+    beats, full = headline_checks(rows)
+    assert beats.passed is True and "gap +0.110" in beats.detail and "at least" not in beats.detail
+    assert full.passed is True and "gap +0.010" in full.detail
+    # a full model above the curated one fails the second; no full run leaves it undecided
+    assert headline_checks(rows[:6] + _rows("full", [0.65], ratio=1.0))[1].passed is False
+    assert headline_checks(rows[:6])[1].passed is None
+    # a small gap with no spread counts here (the 0.03 floor is the harness check's)
+    assert headline_checks(_rows("reward", [0.52] * 3) + _rows("random", [0.51] * 3))[0].passed is True
+
+
+def test_harness_summary_names_given_runs_by_their_data(tmp_path):
+    from benchmarks.harness_summary import main
+
+    f = tmp_path / "runs.jsonl"
+    rows = [{"method": m, "data": d, "seed": s, "benchmark_accuracy": a, "pope_yes_ratio": 0.5, "records": 10,
+             "finetune_s": 60, "keep_ratio": 0.09}
+            for m, d, s, a in [("given", "sel.json", 0, 0.6), ("given", "sel.json", 1, 0.62), ("given", "sel.json", 2, 0.61),
+                               ("random", None, 0, 0.5), ("random", None, 1, 0.52), ("random", None, 2, 0.51),
+                               ("given", "cur.json", 0, 0.7)]]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = CliRunner().invoke(main, [str(f), "--name", "sel.json=reward"])
+    assert out.exit_code == 0, out.output
+    assert "reward beats random at 9% (benchmark_accuracy): **met**" in out.output
+    assert "| given cur.json | 0.09 | 1 | 0.700 |" in out.output
+    out = CliRunner().invoke(main, [str(f), "--name", "sel.json"])
+    assert out.exit_code != 0 and "expected DATA=METHOD" in out.output and "Traceback" not in out.output

@@ -42,7 +42,7 @@ from typing import Any
 
 from align2llava.data.io import write_csv
 from align2llava.errors import Align2LlavaError
-from align2llava.ops.harness import format_checks, harness_checks
+from align2llava.ops.harness import format_checks, harness_checks, headline_checks
 
 log = logging.getLogger(__name__)
 
@@ -413,6 +413,7 @@ def compression(
     write_csv(rows, out_csv, COLUMNS)
     table = format_table(summarize(rows))
     checks = format_checks(harness_checks(rows))
+    headline = format_checks(headline_checks(rows))
     if out_md:
         Path(out_md).write_text(
             "# Compression experiment\n\n"
@@ -420,6 +421,7 @@ def compression(
             + table + "\n\n"
             + f"Per run: `{out_csv}`. Mean +- sample std over seeds.\n\n"
             + "## Harness check (can the experiment see data quality?)\n\n" + checks + "\n"
+            + "\n## Headline (does the reward-curated subset beat random and full data?)\n\n" + headline + "\n"
             + (f"\nFailed runs: {', '.join(failed)}\n" if failed else ""),
             encoding="utf-8",
         )

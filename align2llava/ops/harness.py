@@ -11,6 +11,12 @@ and states three checks:
 - fine-tuning on the full data beats the base (not fine-tuned) by at least 0.03;
 - every fine-tuned run's POPE yes ratio lies in [0.2, 0.8] (not an all-yes or all-no model).
 
+`headline_checks` states the method's own claim on the same rows, once the harness can see it:
+
+- the reward-curated subset beats random at the check ratio by more than twice the combined
+  seed spread, over at least 3 seeds each;
+- it scores at least what the full-data model scores.
+
 A check whose runs are missing (or with too few seeds) reads "not decided": on your own data there is no oracle.
 """
 
@@ -48,19 +54,39 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def oracle_vs_random(rows: list[dict[str, Any]], metric: str, ratio: float = CHECK_RATIO) -> Check:
-    name = f"oracle beats random at {ratio:.0%} ({metric})"
-    oracle, rand = _values(rows, "oracle", metric, ratio), _values(rows, "random", metric, ratio)
-    if not oracle or not rand:
-        return Check(name, None, f"runs missing: {len(oracle)} oracle and {len(rand)} random at {ratio:.0%}.")
-    (mo, so), (mr, sr) = _mean_std(oracle), _mean_std(rand)
-    gap, spread = mo - mr, math.sqrt(so ** 2 + sr ** 2)
-    need = max(2 * spread, MIN_GAP)
-    detail = (f"oracle {mo:.3f} +- {so:.3f} ({len(oracle)} seeds), random {mr:.3f} +- {sr:.3f} ({len(rand)} seeds): "
-              f"gap {gap:+.3f}, needs > {need:.3f} (2 x combined spread {spread:.3f}, at least {MIN_GAP}).")
-    if min(len(oracle), len(rand)) < MIN_SEEDS:
+def _beats(rows: list[dict[str, Any]], better: str, other: str, metric: str, ratio: float,
+           min_gap: float) -> Check:
+    name = f"{better} beats {other} at {ratio:.0%} ({metric})"
+    a, b = _values(rows, better, metric, ratio), _values(rows, other, metric, ratio)
+    if not a or not b:
+        return Check(name, None, f"runs missing: {len(a)} {better} and {len(b)} {other} at {ratio:.0%}.")
+    (ma, sa), (mb, sb) = _mean_std(a), _mean_std(b)
+    gap, spread = ma - mb, math.sqrt(sa ** 2 + sb ** 2)
+    need = max(2 * spread, min_gap)
+    floor = f", at least {min_gap}" if min_gap else ""
+    detail = (f"{better} {ma:.3f} +- {sa:.3f} ({len(a)} seeds), {other} {mb:.3f} +- {sb:.3f} ({len(b)} seeds): "
+              f"gap {gap:+.3f}, needs > {need:.3f} (2 x combined spread {spread:.3f}{floor}).")
+    if min(len(a), len(b)) < MIN_SEEDS:
         return Check(name, None, detail + f" {MIN_SEEDS} seeds each needed.")
     return Check(name, gap > need, detail)
+
+
+def oracle_vs_random(rows: list[dict[str, Any]], metric: str, ratio: float = CHECK_RATIO) -> Check:
+    return _beats(rows, "oracle", "random", metric, ratio, MIN_GAP)
+
+
+def reward_vs_random(rows: list[dict[str, Any]], metric: str, ratio: float = CHECK_RATIO) -> Check:
+    return _beats(rows, "reward", "random", metric, ratio, 0.0)
+
+
+def reward_vs_full(rows: list[dict[str, Any]], metric: str, ratio: float = CHECK_RATIO) -> Check:
+    name = f"reward at {ratio:.0%} at least the full data ({metric})"
+    reward, full = _values(rows, "reward", metric, ratio), _values(rows, "full", metric)
+    if not reward or not full:
+        return Check(name, None, f"runs missing: {len(reward)} reward at {ratio:.0%} and {len(full)} full.")
+    (mr, sr), (mf, sf) = _mean_std(reward), _mean_std(full)
+    detail = f"reward {mr:.3f} +- {sr:.3f} ({len(reward)} seeds), full {mf:.3f} +- {sf:.3f} ({len(full)} seeds): gap {mr - mf:+.3f}."
+    return Check(name, mr >= mf, detail)
 
 
 def full_vs_base(rows: list[dict[str, Any]], metric: str) -> Check:
@@ -88,6 +114,12 @@ def harness_checks(rows: list[dict[str, Any]], metric: str = "benchmark_accuracy
                    ratio: float = CHECK_RATIO) -> list[Check]:
     """The three checks on the experiment's rows (method, keep_ratio, seed and metric columns)."""
     return [oracle_vs_random(rows, metric, ratio), full_vs_base(rows, metric), pope_yes_ratio(rows)]
+
+
+def headline_checks(rows: list[dict[str, Any]], metric: str = "benchmark_accuracy",
+                    ratio: float = CHECK_RATIO) -> list[Check]:
+    """The method's claim on the experiment's rows: reward beats random, and matches full data."""
+    return [reward_vs_random(rows, metric, ratio), reward_vs_full(rows, metric, ratio)]
 
 
 def format_checks(checks: list[Check]) -> str:
