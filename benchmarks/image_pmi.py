@@ -43,11 +43,13 @@ def _accuracy(pairs: list[tuple[int, int]], score: list[float]) -> float:
 @click.option("--image-root", default="data/synthesize/images", show_default=True, type=click.Path(path_type=Path))
 @click.option("--limit", type=int, default=None, help="At most this many training pairs (validation: all).")
 @click.option("--images", "n_images", default=200, show_default=True, help="Test-pool images (4 answers each).")
-def main(pairs_file: Path, answer_model: Path, image_root: Path, limit: int | None, n_images: int) -> None:
+@click.option("--feature", type=click.Choice(["image_pmi", "word_margin"]), default="image_pmi", show_default=True,
+              help="The grounding feature (steps.grounding); word_margin checks the demo world's colour and shape words.")
+def main(pairs_file: Path, answer_model: Path, image_root: Path, limit: int | None, n_images: int, feature: str) -> None:
     """Print answer-RM, image-PMI and combined accuracy on the pairs and AUROC on the test pool."""
     setup_logging()
     with user_errors():
-        from align2llava.demo.synthesis.world import measure_image
+        from align2llava.demo.synthesis.world import COLORS, SHAPES, measure_image
         from align2llava.models.reward_model import (
             Encoder,
             answer_text,
@@ -83,15 +85,19 @@ def main(pairs_file: Path, answer_model: Path, image_root: Path, limit: int | No
         rm_pool = score_items(rm, enc_abs, [(answer_text(r.question, r.answer), str(r.image)) for r in pool], batch_size=32)
         del rm
         base = resolve_backbone(answer_model, read_reward_config(answer_model))
-        ground = Grounding.load(base, image_root=image_root, dtype="float32")
+        ground = Grounding.load(base, feature=feature, words={"color": COLORS, "shape": SHAPES},
+                                image_root=image_root, dtype="float32")
         pmi = ground.raw(items)
         ground.image_root = None  # the test pool's images are absolute paths
         pmi_pool = ground.raw([(str(r.image), r.question, r.answer) for r in pool])
         own = float((meta.get("grounding") or {}).get("weight") or 0.0)
+        if own and (meta.get("grounding") or {}).get("feature") != feature:
+            raise click.UsageError(f"{answer_model} has a {meta['grounding']['feature']} grounding term; pass that --feature")
         if own:  # the RM's own grounding term, as score adds it
             rm_scores = [a + own * b for a, b in zip(rm_scores, pmi)]
             rm_pool = [a + own * b for a, b in zip(rm_pool, pmi_pool)]
 
+    f, combo = ("image PMI", "RM + w PMI") if feature == "image_pmi" else ("word margin", "RM + w margin")
     best = max(GRID, key=lambda w: (_accuracy(index["train"], [a + w * b for a, b in zip(rm_scores, pmi)]), -w))
     combined = [a + best * b for a, b in zip(rm_scores, pmi)]
     truth_of = {im: measure_image(image_root / im)[:2] for im in {p["image"] for p in val}}
@@ -101,15 +107,15 @@ def main(pairs_file: Path, answer_model: Path, image_root: Path, limit: int | No
     click.echo(f"answer RM {answer_model} (base {base}; its own grounding weight {own:g}); w = {best} chosen on {len(train)} training pairs "
                f"(training accuracy RM {_accuracy(index['train'], rm_scores):.3f}, combined "
                f"{_accuracy(index['train'], combined):.3f})")
-    click.echo(f"{'validation':<10}  {'pairs':>5}  {'answer RM':>9}  {'image PMI':>9}  {'RM + w PMI':>10}")
+    click.echo(f"{'validation':<10}  {'pairs':>5}  {'answer RM':>9}  {f:>11}  {combo:>13}")
     for cls in (*CLASSES, "all"):
         ks = list(range(len(val))) if cls == "all" else classes[cls]
         ps = [index["val"][k] for k in ks]
-        click.echo(f"{cls:<10}  {len(ps):>5}  {_accuracy(ps, rm_scores):>9.3f}  {_accuracy(ps, pmi):>9.3f}  "
-                   f"{_accuracy(ps, combined):>10.3f}")
+        click.echo(f"{cls:<10}  {len(ps):>5}  {_accuracy(ps, rm_scores):>9.3f}  {_accuracy(ps, pmi):>11.3f}  "
+                   f"{_accuracy(ps, combined):>13.3f}")
     click.echo(f"test pool ({len(pool)} answers on {len(images)} easy-vqa test images): defect AUROC")
-    scored = {"answer RM": rm_pool, "image PMI": pmi_pool,
-              "RM + w PMI": [a + best * b for a, b in zip(rm_pool, pmi_pool)]}
+    scored = {"answer RM": rm_pool, f: pmi_pool,
+              combo: [a + best * b for a, b in zip(rm_pool, pmi_pool)]}
     aurocs = {name: defect_auroc(pool, s) for name, s in scored.items()}
     for d in aurocs["answer RM"]:
         click.echo(f"{d:<20}  " + "  ".join(f"{name} {aurocs[name][d]:.3f}" for name in scored))
@@ -118,7 +124,7 @@ def main(pairs_file: Path, answer_model: Path, image_root: Path, limit: int | No
     for d in paired["answer RM"]:
         click.echo(f"{d:<20}  " + "  ".join(f"{name} {paired[name][d]:.3f}" for name in scored))
     defects = list(aurocs["answer RM"])
-    click.echo("RM + w PMI for every w of the grid: training / validation pair accuracy, test-pool AUROC")
+    click.echo(f"{combo} for every w of the grid: training / validation pair accuracy, test-pool AUROC")
     click.echo(f"{'w':>6}  {'train':>6}  {'val':>6}  " + "  ".join(f"{d:>18}" for d in defects))
     for w in GRID:
         pairs = [a + w * b for a, b in zip(rm_scores, pmi)]

@@ -65,22 +65,27 @@ def test_fit_weight_follows_the_pairs():
     assert fit_weight([1.0, 2.0], [0.0, 1.0], max_weight=7.0) == 7.0  # separable: capped
 
 
-def test_answer_rm_with_grounding_saves_its_weight_and_scores_with_it(tiny_llava, image_root, tmp_path):
+@pytest.mark.parametrize("feature", ["image_pmi", "word_margin"])
+def test_answer_rm_with_grounding_saves_its_weight_and_scores_with_it(feature, tiny_llava, image_root, tmp_path):
     from align2llava.models.reward_model import Encoder, answer_text, load_reward_model, score_items
     from align2llava.steps.scoring import ScoreParams, load_reward_models, score_records
 
+    words = {"color": ["Red", "blue", "green", "yellow"], "shape": ["circle", "square"]}
     params = TrainRewardParams(**TINY, layers_to_transform=[-1], learning_rate=3.0e-2, num_train_epochs=2,
-                               grounding="image_pmi", grounding_weight=None)
+                               grounding=feature, grounding_weight=None, grounding_words=words)
     train_reward_model("answer", _pairs(), tiny_llava, params, image_root=image_root, seed=0,
                        out_dir=tmp_path / "answer")
     meta = read_reward_config(tmp_path / "answer")
     entry = meta["grounding"]
-    assert entry["feature"] == "image_pmi" and entry["fitted"] and entry["weight"] >= 0.0
+    assert entry["feature"] == feature and entry["fitted"] and entry["weight"] >= 0.0
+    # word_margin's words travel with the model (lower case), so score checks the same ones
+    assert entry.get("words") == ({"color": ["red", "blue", "green", "yellow"], "shape": ["circle", "square"]}
+                                  if feature == "word_margin" else None)
     assert 0.0 <= entry["train_pair_accuracy"] <= 1.0
     # the saved model scores head + weight x grounding, as score_records does
     rm, proc, meta = load_reward_model(tmp_path / "answer", dtype="float32")
     ground = load_grounding(tmp_path / "answer", meta, image_root=image_root, dtype="float32")
-    assert ground.weight == entry["weight"]
+    assert ground.weight == entry["weight"] and ground.feature == feature
     record = {"id": "r1", "image": "a.png", "conversations": [
         {"from": "human", "value": "<image>\nWhat color is the shape?"}, {"from": "gpt", "value": "The shape is red."}]}
     head = score_items(rm, Encoder(proc, meta["max_length"], image_root),
@@ -103,10 +108,118 @@ def test_answer_rm_with_grounding_saves_its_weight_and_scores_with_it(tiny_llava
 
     with pytest.raises(DataError, match="grounding"):
         load_grounding(tmp_path / "answer", bad)
+    bad["grounding"] = {"feature": "word_margin", "weight": 1.0, "words": {"color": ["red"]}}
+    with pytest.raises(DataError, match="reward_config.json: grounding: .*two different words"):
+        load_grounding(tmp_path / "answer", bad)
 
 
 def test_without_grounding_nothing_changes(tiny_llava, image_root, tmp_path):
-    params = TrainRewardParams(**TINY, layers_to_transform=[-1], num_train_epochs=1)
+    params = TrainRewardParams(**TINY, layers_to_transform=[-1], num_train_epochs=1, grounding="none")
     train_reward_model("answer", _pairs(8), tiny_llava, params, image_root=image_root, seed=0, out_dir=tmp_path / "a")
     meta = read_reward_config(tmp_path / "a")
     assert meta["grounding"] is None and load_grounding(tmp_path / "a", meta) is None
+
+
+WORDS = {"color": ["red", "blue", "green", "yellow"], "shape": ["circle", "square", "triangle"]}
+
+
+def test_word_sites_find_stated_group_words_and_skip_negated_ones(tiny_llava):
+    from align2llava.models.chat import continuation_ids
+    from align2llava.models.loading import load_mllm
+    from align2llava.steps.grounding import word_sites
+
+    _, processor = load_mllm(tiny_llava, dtype="float32")
+    q = "What is in the image?"
+    answer = "Red square, not a blue circle; no green here. It is a SQUARE."
+    cont, sites = word_sites(processor, q, answer, WORDS)
+    assert cont == continuation_ids(processor, q, answer, image=True, span="start")
+    # Red, square and SQUARE are stated; blue and circle (after "not a") and green (after "no") are not
+    assert len(sites) == 3
+    for (step, ids), word in zip(sites, ["Red", " square", " SQUARE"]):
+        head = answer[: answer.index(word.strip(), 0 if word != " SQUARE" else 40)]
+        # the step is where the word begins: the answer's tokens before it are the stem's
+        assert cont[:step] == continuation_ids(processor, q, head + "x", image=True, span="start")[:step]
+        assert ids[0] == continuation_ids(processor, q, head + word.strip(), image=True, span="start")[step]
+        assert len(set(ids)) == len(ids) and len(ids) >= 2
+    assert word_sites(processor, q, "Nothing to see.", WORDS) == ([], [])
+
+
+def _reference_rows(model, processor, image_root, image, question, answer):
+    """The model's full log-prob row before each answer token (its own logits, no cache)."""
+    import torch
+
+    from align2llava.data.images import load_rgb
+    from align2llava.models.chat import continuation_ids, needs_bos, prompt_messages, render
+
+    prompt = render(processor, prompt_messages(question, "", True), generation_prompt=True)
+    enc = processor(text=[prompt], return_tensors="pt", add_special_tokens=needs_bos(processor.tokenizer, prompt),
+                    images=[load_rgb(image_root / image)])
+    cont = continuation_ids(processor, question, answer, image=True, span="start")
+    ids = torch.cat([enc["input_ids"], torch.tensor([cont])], 1)
+    with torch.no_grad():
+        lp = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                   pixel_values=enc["pixel_values"]).logits[0].float().log_softmax(-1)
+    n = enc["input_ids"].shape[1]
+    return lp[n - 1: n - 1 + len(cont)]
+
+
+def test_word_margin_is_the_smallest_margin_of_the_stated_words(tiny_llava, image_root):
+    from align2llava.models.chat import continuation_ids
+    from align2llava.steps.grounding import word_sites
+
+    ground = Grounding.load(tiny_llava, feature="word_margin", words=WORDS, image_root=image_root,
+                            dtype="float32", batch_size=2)
+    assert ground.passes == 1
+    items = [("a.png", "What color is the shape?", "It is a red square."),
+             ("b.png", "Describe it.", "A blue circle, drawn flat."),
+             ("a.png", "Anything?", "Hard to say."),          # no group word: 0, no pass
+             (None, "What color?", "Red.")]                    # no image: 0
+    got = ground.raw(items)
+    assert got[2] == 0.0 and got[3] == 0.0
+    for (image, q, a), value in zip(items[:2], got[:2]):
+        rows = _reference_rows(ground.model, ground.processor, image_root, image, q, a)
+        _, sites = word_sites(ground.processor, q, a, WORDS)
+        assert len(sites) == 2
+        margins = []
+        for (step, ids), group in zip(sites, ("color", "shape")):
+            # the alternatives are the first tokens of the answer with each other group word there
+            word = next(w for w in WORDS[group] if w in a.lower())
+            head = a[: a.lower().index(word)]
+            alts = {continuation_ids(ground.processor, q, head + w, image=True, span="start")[step]
+                    for w in WORDS[group] if w != word}
+            assert set(ids[1:]) == alts - {ids[0]}
+            margins.append(rows[step, ids[0]].item() - max(rows[step, t].item() for t in ids[1:]))
+        assert value == pytest.approx(min(margins), abs=1e-4)
+    # one at a time gives the same values (batching and padding do not move them)
+    assert [ground.raw([it])[0] for it in items] == pytest.approx(got, abs=1e-4)
+    # the sign: the base's own favourite colour for the image scores >= 0, any other < 0
+    q = "What color is the shape?"
+    rows = _reference_rows(ground.model, ground.processor, image_root, "a.png", q, "It is red.")
+    step, ids = word_sites(ground.processor, q, "It is red.", WORDS)[1][0]
+    firsts = {w: continuation_ids(ground.processor, q, "It is " + w, image=True, span="start")[step]
+              for w in WORDS["color"]}
+    favourite = max(WORDS["color"], key=lambda w: rows[step, firsts[w]].item())
+    other = next(w for w in WORDS["color"] if w != favourite)
+    fav, oth = ground.raw([("a.png", q, f"It is {favourite}."), ("a.png", q, f"It is {other}.")])
+    assert fav >= 0.0 > oth
+
+
+def test_word_margin_words_are_checked():
+    from align2llava.steps.grounding import check_words
+
+    with pytest.raises(ValueError, match="two different words"):
+        check_words({"color": ["red", "Red"]})
+    with pytest.raises(ValueError, match="in groups"):
+        check_words({"a": ["red", "blue"], "b": ["red", "green"]})
+    with pytest.raises(ValueError, match="single word"):
+        check_words({"a": ["light blue", "red"]})
+    with pytest.raises(ValueError, match="needs grounding words"):
+        check_words({})
+    # in params.yaml: a one-line error naming the section
+    from align2llava.config import parse_section
+    from align2llava.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train_reward.*two different words"):
+        parse_section({"grounding": "word_margin", "grounding_words": {"color": ["red"]}}, "train_reward",
+                      TrainRewardParams)
+    assert TrainRewardParams(grounding="word_margin", grounding_words=WORDS).grounding_words == WORDS

@@ -3,10 +3,15 @@
     ground = Grounding.load(base_dir, weight=1.7, image_root="images")
     ground.raw([("cat.jpg", "What colour is it?", "It is red.")])   # [0.41]: mean image PMI
     ground([...])                                                  # weight x that
+    Grounding.load(base_dir, feature="word_margin", words={"color": ["red", "blue", "green"]})
+
+Two features.
 
 The answer RM g(I, Q, A) reads style, completeness and relevance from its head; whether the
 answer says what the image shows is read here, from the base MLLM's own language model (its LM
-head, no LoRA): the mean over the answer's tokens of
+head, no LoRA).
+
+`image_pmi`: the mean over the answer's tokens of
 
     log p(token | image, question, earlier tokens) - log p(token | question, earlier tokens),
 
@@ -14,7 +19,21 @@ both through the checkpoint's chat template (the answer as the assistant's reply
 image makes likely (its colour, its object) gains, a word it contradicts loses, an answer that
 says nothing about the image stays near 0. The mean, not the sum, so long and short answers are
 on one scale. Measured on the demo (docs/research-log.md): an RM head trained on preference
-pairs learns the pairs' writing style and not this comparison, though the base makes it.
+pairs learns the pairs' writing style and not this comparison, though the base makes it. But
+an answer's PMI level also depends on its sentence form and on how many of its words are visual,
+so it ranks answers to one question far better than answers across a pool.
+
+`word_margin`: a check of the answer's visual words against the base's own reading of the image,
+calibrated within the answer, like CHAIR's object vocabulary. `words` names groups of words of
+which an image shows one (colours; shapes; for real data e.g. the animals of a dataset whose
+images hold one). At every group word in the answer (not after a negation in the same clause:
+"No, it is red" states red, "not a red circle" states nothing), the base, given the image, the question and the answer so far,
+compares the word written with the others of its group, as the next token (its first token): the
+margin log p(written) - max log p(other). The feature is the answer's smallest margin (0 when it
+names no group word): negative where the base, looking at the image, would have written another
+word of the group; positive where it confirms every one. One forward pass per answer that names
+a group word, as far as its last one; none for the rest. The comparison is between words at one place of one sentence,
+so sentence form and length cancel.
 
 `fit_weight` chooses the term's weight on the training pairs before the RM head is trained
 (a one-parameter Bradley-Terry fit), and the head is then trained on top of it (the term is a
@@ -29,7 +48,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +57,11 @@ from align2llava.errors import DataError
 
 log = logging.getLogger(__name__)
 
-FEATURES = ("none", "image_pmi")
+FEATURES = ("none", "image_pmi", "word_margin")
+# words after which a group word states nothing about the image, up to the end of the clause
+NEGATIONS = frozenset({"no", "not", "nor", "neither", "never", "without", "none", "nothing"})
+_CLAUSE_END = re.compile(r"[,.;:!?()]")
+_WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 
 Triple = tuple[str | None, str, str]  # (image, question, answer)
 
@@ -45,33 +69,49 @@ Triple = tuple[str | None, str, str]  # (image, question, answer)
 class Grounding:
     """The grounding term of one answer reward model: an MLLM with its LM head, and a weight."""
 
-    def __init__(self, model: Any, processor: Any, *, weight: float = 1.0,
-                 image_root: str | Path | None = None, batch_size: int = 16):
+    def __init__(self, model: Any, processor: Any, *, feature: str = "image_pmi", weight: float = 1.0,
+                 words: Mapping[str, Sequence[str]] | None = None, image_root: str | Path | None = None,
+                 batch_size: int = 16):
         from align2llava.steps.evaluation.likelihood import _Scorer
 
-        self.model, self.processor = model, processor
+        if feature not in FEATURES[1:]:
+            raise ValueError(f"grounding feature {feature!r}: one of {', '.join(FEATURES[1:])}")
+        self.words = check_words(words or {}) if feature == "word_margin" else {}
+        self.model, self.processor, self.feature = model, processor, feature
         self.weight, self.image_root, self.batch_size = float(weight), image_root, batch_size
         self.scorer = _Scorer(model, processor)
+        # forward passes per answer (the meter's unit): with and without the image, or one
+        self.passes = 2 if feature == "image_pmi" else 1
 
     @classmethod
-    def load(cls, base_model: str | Path, *, weight: float = 1.0, image_root: str | Path | None = None,
+    def load(cls, base_model: str | Path, *, feature: str = "image_pmi", weight: float = 1.0,
+             words: Mapping[str, Sequence[str]] | None = None, image_root: str | Path | None = None,
              dtype: str = "auto", device: Any = "cpu", batch_size: int = 16) -> "Grounding":
         from align2llava.models.loading import load_mllm
         from align2llava.models.precision import resolve
 
         model, processor = load_mllm(base_model, dtype="float32")
-        resolve(dtype, device, "score").cast(model)
+        # training's "mixed" (bf16 matmuls) is for gradients: the term is read as score reads it
+        resolve("auto" if dtype == "mixed" else dtype, device, "score").cast(model)
         model.requires_grad_(False)
         model.to(device).eval()
-        return cls(model, processor, weight=weight, image_root=image_root, batch_size=batch_size)
+        return cls(model, processor, feature=feature, weight=weight, words=words, image_root=image_root,
+                   batch_size=batch_size)
 
     def __call__(self, items: Sequence[Triple], meter: Any = None) -> list[float]:
         """weight x `raw`."""
         return [self.weight * g for g in self.raw(items, meter)]
 
     def raw(self, items: Sequence[Triple], meter: Any = None) -> list[float]:
-        """Mean per-token image PMI of each (image, question, answer); 0.0 without an image.
-        `meter` (a Progress) counts two per item: the pass with the image and the one without."""
+        """The feature of each (image, question, answer); 0.0 without an image. `meter` (a
+        Progress) counts `passes` per item."""
+        if self.feature == "word_margin":
+            return self._word_margin(items, meter)
+        return self._image_pmi(items, meter)
+
+    def _image_pmi(self, items: Sequence[Triple], meter: Any = None) -> list[float]:
+        """Mean per-token image PMI of each (image, question, answer): two passes per item, with
+        the image and without."""
         from align2llava.models.chat import continuation_ids
 
         out = [0.0] * len(items)
@@ -94,6 +134,103 @@ class Grounding:
             meter.update(2 * (len(items) - len(rows)))
         return out
 
+    def _word_margin(self, items: Sequence[Triple], meter: Any = None) -> list[float]:
+        """The smallest margin of each answer's group words (module doc); one pass per answer
+        that has an image and names one."""
+        out = [0.0] * len(items)
+        rows = []
+        for i, (image, q, a) in enumerate(items):
+            if image is not None:
+                cont, sites = word_sites(self.processor, q, a, self.words)
+                if sites:  # the tokens after the last site's cannot move its margins
+                    rows.append((i, cont[: max(step for step, _ in sites) + 1], sites))
+        rows.sort(key=lambda r: -len(r[1]))
+        for s in range(0, len(rows), self.batch_size):
+            chunk = rows[s: s + self.batch_size]
+            batch = [_Item(items[i][1], items[i][0]) for i, *_ in chunk]
+            got = self.scorer.at_steps(batch, [r[1] for r in chunk], [r[2] for r in chunk],
+                                       image_root=self.image_root, instruction="")
+            for (i, *_), sites in zip(chunk, got):
+                out[i] = min(lp[0] - max(lp[1:]) for lp in sites)
+            if meter is not None:
+                meter.update(len(chunk), tok=sum(len(r[1]) for r in chunk))
+        if meter is not None:
+            meter.update(len(items) - len(rows))
+        return out
+
+
+def check_words(words: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """Word groups as word_margin reads them (lower case); ValueError unless every group has two
+    words or more, each a single word, and no word is in two groups."""
+    out: dict[str, list[str]] = {}
+    seen: dict[str, str] = {}
+    for g, ws in words.items():
+        low = [str(w).lower() for w in ws]
+        if len(set(low)) < 2:
+            raise ValueError(f"grounding words: group {g!r} needs two different words or more")
+        for w in low:
+            if not _WORD.fullmatch(w):
+                raise ValueError(f"grounding words: {w!r} in group {g!r} is not a single word")
+            if seen.setdefault(w, g) != g:
+                raise ValueError(f"grounding words: {w!r} is in groups {seen[w]!r} and {g!r}")
+        out[str(g)] = list(dict.fromkeys(low))
+    if not out:
+        raise ValueError("grounding feature word_margin needs grounding words (groups of words an image shows one of)")
+    return out
+
+
+def word_sites(processor: Any, question: str, answer: str, words: Mapping[str, Sequence[str]]
+               ) -> tuple[list[int], list[tuple[int, list[int]]]]:
+    """The answer's reply tokens and, for each group word it states (no negation earlier in its
+    clause: a clause ends at , . ; : ! ? ( ) and before "but"), its site:
+    (the step of the reply where the word's first token is predicted, [the written word's first
+    token, then every other word's of its group whose first token differs]). A word whose
+    alternatives cannot be placed at that step (the tokenizer merges it with what precedes) is
+    left out."""
+    from align2llava.models.chat import continuation_ids
+
+    group_of = {w: g for g, ws in words.items() for w in ws}
+    cont: list[int] | None = None
+    sites = []
+    negated, end = False, 0
+    for m in _WORD.finditer(answer):
+        word, low = m.group(), m.group().lower()
+        if _CLAUSE_END.search(answer, end, m.start()) or low == "but":
+            negated = False
+        end = m.end()
+        if low in NEGATIONS or low.endswith("n't"):
+            negated = True
+        if low not in group_of or negated:
+            continue
+        if cont is None:
+            cont = continuation_ids(processor, question, answer, image=True, span="start")
+        head = answer[: m.start()]
+        written = [continuation_ids(processor, question, head + _as_written(w, word), image=True, span="start")
+                   for w in words[group_of[low]]]
+        step = _common_prefix(written)
+        mine = words[group_of[low]].index(low)
+        if cont[:step] != written[mine][:step] or any(len(ids) <= step for ids in written):
+            continue
+        first = written[mine][step]
+        others = sorted({ids[step] for ids in written} - {first})
+        if others:
+            sites.append((step, [first, *others]))
+    return cont or [], sites
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = 0
+    while all(len(s) > n for s in seqs) and len({s[n] for s in seqs}) == 1:
+        n += 1
+    return n
+
+
+def _as_written(candidate: str, word: str) -> str:
+    """`candidate` in `word`'s case: "Red" for a capitalised word, "RED" for an upper-case one."""
+    if word.isupper() and len(word) > 1:
+        return candidate.upper()
+    return candidate.capitalize() if word[:1].isupper() else candidate
+
 
 class _Item:  # what the scorer's prompt encoder reads of an item
     def __init__(self, question: str, image: str | None):
@@ -110,12 +247,19 @@ def load_grounding(path: str | Path, meta: dict[str, Any], *, backbone: str | Pa
     entry = meta.get("grounding")
     if not entry or entry.get("feature", "none") == "none":
         return None
-    if entry.get("feature") not in FEATURES or not isinstance(entry.get("weight"), (int, float)):
+    feature = entry.get("feature")
+    if feature not in FEATURES or not isinstance(entry.get("weight"), (int, float)):
         raise DataError(f"{Path(path) / CONFIG_FILE}: grounding {entry!r} is not one this version reads "
                         f"(feature one of {', '.join(FEATURES[1:])}, a numeric weight)")
+    words = entry.get("words") if feature == "word_margin" else None
+    if feature == "word_margin":
+        try:
+            check_words(words if isinstance(words, dict) else {})
+        except ValueError as exc:
+            raise DataError(f"{Path(path) / CONFIG_FILE}: grounding: {exc}") from None
     base = resolve_backbone(Path(path), meta, backbone)
-    return Grounding.load(base, weight=float(entry["weight"]), image_root=image_root, dtype=dtype,
-                          device=device, batch_size=batch_size)
+    return Grounding.load(base, feature=feature, weight=float(entry["weight"]), words=words, image_root=image_root,
+                          dtype=dtype, device=device, batch_size=batch_size)
 
 
 def fit_weight(chosen: Sequence[float], rejected: Sequence[float], *, max_weight: float = 100.0) -> float:

@@ -276,8 +276,8 @@ def score_pool(
                                     dtype=params.dtype, device=state.device, backbone=params.backbone)
         t1 = time.time()
         total = sum(record_size(r) for k in todo for r in shards[k])
-        if models.grounding is not None:  # two grounding passes (with and without the image) per answer
-            total += 2 * sum(record_size(r) - 1 for k in todo for r in shards[k])
+        if models.grounding is not None:  # the grounding term's passes per answer
+            total += models.grounding.passes * sum(record_size(r) - 1 for k in todo for r in shards[k])
         desc = "score" if world == 1 else f"score (process {rank})"
         meter = Progress(total, desc, "items", log)  # items: one per record (question) + one per answer
         for done, k in enumerate(todo):

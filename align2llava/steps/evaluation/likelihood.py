@@ -199,6 +199,38 @@ class _Scorer:
               instruction: str) -> list[list[float]]:
         """Summed log-probs, [len(batch)][K], of `conts` (K per item, item-major) after each prompt."""
         import torch
+
+        first, hidden, ids, cmask = self._forward(batch, conts, image_root=image_root, instruction=instruction)
+        with torch.inference_mode():
+            total = first.gather(1, ids[:, :1])[:, 0]
+            if hidden is not None:
+                lp = self.log_probs(hidden).gather(2, ids[:, 1:, None])[..., 0]
+                total = total + (lp * cmask[:, 1:]).sum(1)
+        return total.view(len(batch), len(conts) // len(batch)).tolist()
+
+    def at_steps(self, batch: list[Any], conts: list[list[int]], queries: list[list[tuple[int, list[int]]]], *,
+                 image_root: str | Path | None, instruction: str) -> list[list[list[float]]]:
+        """One continuation per item: for each (step, token ids) of `queries[i]`, the log-probs of
+        those ids as the token at that step of `conts[i]` (after the earlier ones), [i][query][id]."""
+        import torch
+
+        first, hidden, _, _ = self._forward(batch, conts, image_root=image_root, instruction=instruction)
+        out = []
+        with torch.inference_mode():
+            for i, asked in enumerate(queries):
+                row = []
+                for step, ids in asked:
+                    lp = first[i] if step == 0 else self.log_probs(hidden[i, step - 1])
+                    row.append(lp[ids].tolist())
+                out.append(row)
+        return out
+
+    def _forward(self, batch: list[Any], conts: list[list[int]], *, image_root: str | Path | None,
+                 instruction: str) -> tuple[Any, Any, Any, Any]:
+        """The prompts once (cache kept), then every continuation: the first reply token's
+        log-probs per row [rows, vocab], the continuation's final hidden states [rows, T - 1, H]
+        (None for one-token continuations), its ids and mask [rows, T]."""
+        import torch
         from transformers import DynamicCache
 
         from align2llava.models.batching import pad_batch
@@ -211,12 +243,12 @@ class _Scorer:
         cont = pad_batch(conts, pad, side="right", device=self.device)
         ids, cmask = cont["input_ids"], cont["attention_mask"]
         cache = DynamicCache(config=self.model.config)
+        hidden = None
         with torch.inference_mode():
-            hidden = self.body(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
-                               **{self.cache_kw: cache}).last_hidden_state[:, -1]
+            last = self.body(**inputs, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+                             **{self.cache_kw: cache}).last_hidden_state[:, -1]
             # the first reply token is predicted by the prompt's last position
-            first = self.log_probs(hidden).repeat_interleave(k, 0)
-            total = first.gather(1, ids[:, :1])[:, 0]
+            first = self.log_probs(last).repeat_interleave(k, 0)
             if ids.shape[1] > 1:
                 cache.batch_repeat_interleave(k)
                 rows_mask = mask.repeat_interleave(k, 0)
@@ -226,6 +258,4 @@ class _Scorer:
                     input_ids=ids[:, :-1], attention_mask=torch.cat([rows_mask, cmask[:, :-1]], 1),
                     position_ids=start + steps, use_cache=True, **{self.cache_kw: cache},
                 ).last_hidden_state
-                lp = self.log_probs(hidden).gather(2, ids[:, 1:, None])[..., 0]
-                total = total + (lp * cmask[:, 1:]).sum(1)
-        return total.view(len(batch), k).tolist()
+        return first, hidden, ids, cmask

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from align2llava.config import Section
 from align2llava.errors import DataError
@@ -66,10 +66,16 @@ class TrainRewardParams(Section):
     # can pull the reward down, wherever it sits in the answer).
     pooling: Literal["last", "last+min"] = "last+min"  # paper: last
     # Not in the paper (none = off): the answer RM adds the base MLLM's own image grounding of
-    # the answer (steps.grounding: its mean per-token image PMI), times grounding_weight; null:
-    # the weight is fitted on the training pairs first, and the head learns the rest on top.
-    grounding: Literal["none", "image_pmi"] = "none"
+    # the answer (steps.grounding: image_pmi, its mean per-token image PMI; word_margin, its
+    # check of the answer's grounding_words), times grounding_weight; null: the weight is fitted
+    # on the training pairs first, and the head learns the rest on top.
+    grounding: Literal["none", "image_pmi", "word_margin"] = "word_margin"  # paper: none
     grounding_weight: float | None = Field(None, ge=0.0)
+    # word_margin's groups of words of which an image shows one (the demo world's colours and shapes).
+    grounding_words: dict[str, list[str]] = {
+        "color": ["red", "green", "blue", "yellow", "black", "gray", "teal", "brown"],
+        "shape": ["circle", "rectangle", "triangle"],
+    }
     # Validate every N optimizer steps (0: once per epoch) and at the end.
     eval_steps: int = Field(10, ge=0)
     per_device_eval_batch_size: int = Field(32, ge=1)
@@ -78,6 +84,14 @@ class TrainRewardParams(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16", "mixed"] = "auto"
     # Compute the frozen bottom layers once (only when just the top layers adapt).
     cache_frozen_layers: bool = True
+
+    @model_validator(mode="after")
+    def _words_for_word_margin(self) -> "TrainRewardParams":
+        if self.grounding == "word_margin":
+            from align2llava.steps.grounding import check_words
+
+            check_words(self.grounding_words)
+        return self
 
 
 def build_reward_model(
@@ -266,11 +280,13 @@ def _grounding_offsets(base_model: str | Path, params: TrainRewardParams, train:
     from align2llava.steps.grounding import Grounding, fit_weight
 
     t0 = time.time()
-    ground = Grounding.load(base_model, image_root=image_root, dtype=params.dtype, device=device,
+    ground = Grounding.load(base_model, feature=params.grounding, words=params.grounding_words or None,
+                            image_root=image_root, dtype=params.dtype, device=device,
                             batch_size=params.per_device_eval_batch_size)
-    with Progress(2 * (len(train.triples) + len(val.triples)), "answer grounding", "passes", log) as meter:
+    with Progress(ground.passes * (len(train.triples) + len(val.triples)), "answer grounding", "passes", log) as meter:
         g_train = ground.raw(train.triples, meter)
         g_val = ground.raw(val.triples, meter) if val.triples else []
+    ground_words = ground.words
     del ground
     weight = params.grounding_weight
     fitted = weight is None
@@ -283,6 +299,8 @@ def _grounding_offsets(base_model: str | Path, params: TrainRewardParams, train:
              f" and {val_acc:.3f} of the validation pairs" if val_acc is not None else "", time.time() - t0)
     entry = {"feature": params.grounding, "weight": weight, "fitted": fitted,
              "train_pair_accuracy": acc, "val_pair_accuracy": val_acc}
+    if params.grounding == "word_margin":
+        entry["words"] = ground_words
     as_tensor = lambda g: torch.tensor([weight * x for x in g], dtype=torch.float32)  # noqa: E731
     return entry, as_tensor(g_train), as_tensor(g_val) if g_val else None
 
