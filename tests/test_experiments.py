@@ -20,6 +20,7 @@ from align2llava.ops.experiments import (
     format_table,
     mean_std,
     parse_exp_show,
+    parse_overrides,
     plan_runs,
     queue_command,
     run_cmd,
@@ -45,6 +46,26 @@ def test_plan_and_overrides():
         plan_runs([0.1], [0], ["best"])
     with pytest.raises(Align2LlavaError, match="not in"):
         plan_runs([0.0], [0], ["reward"])
+
+
+def test_method_overrides():
+    extra = parse_overrides(["full:finetune.num_train_epochs=1", "full:finetune.learning_rate=2.0e-4"])
+    assert extra == {"full": {"finetune.num_train_epochs": "1", "finetune.learning_rate": "2.0e-4"}}
+    runs = plan_runs([0.09], [0, 1], ["reward", "full"], overrides=extra)
+    full = [r for r in runs if r.method == "full"]
+    assert [r.name for r in full] == ["cmp-full-100-s0", "cmp-full-100-s1"]
+    cmd = queue_command(full[0])
+    assert cmd[-4:] == ["-S", "finetune.learning_rate=2.0e-4", "-S", "finetune.num_train_epochs=1"]
+    assert "select.method=all" in cmd
+    assert not any("num_train_epochs" in c for r in runs if r.method == "reward" for c in queue_command(r))
+    # an override replaces the method's own setting
+    assert RunSpec("random", 0.09, 0, extra=(("restyle.enabled", "true"),)).set_params()["restyle.enabled"] == "true"
+    for bad, msg in [("full:epochs=1", "METHOD:SECTION.KEY=VALUE"), ("fulll:finetune.x=1", "unknown method 'fulll'"),
+                     ("finetune.x=1", "METHOD:SECTION.KEY=VALUE")]:
+        with pytest.raises(Align2LlavaError, match=msg):
+            parse_overrides([bad])
+    with pytest.raises(Align2LlavaError, match="not among the methods run"):
+        plan_runs([0.09], [0], ["reward"], overrides={"full": {"finetune.x": "1"}})
 
 
 def test_plan_oracle_and_base_rows():

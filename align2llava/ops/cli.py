@@ -181,8 +181,10 @@ def import_annotations_cmd(fmt: str, questions: Path | None, answers: Path | Non
 @click.option("--dry-run", is_flag=True, help="Print the `dvc exp run --queue` commands and stop.")
 @click.option("--poll", "poll_s", type=float, default=30.0, show_default=True, help="Seconds between progress checks.")
 @click.option("--timeout", "timeout_s", type=float, help="Give up waiting after this many seconds (runs continue; collect later).")
+@click.option("--set", "overrides", multiple=True, metavar="METHOD:KEY=VALUE", help="A method's own param for its runs, repeatable: full:finetune.num_train_epochs=1.")
 def compression(ratios: str, seeds: str, methods: str, jobs: int, out_csv: Path, prefix: str, rev: str | None,
-                collect_only: bool, dry_run: bool, poll_s: float, timeout_s: float | None) -> None:
+                collect_only: bool, dry_run: bool, poll_s: float, timeout_s: float | None,
+                overrides: tuple[str, ...]) -> None:
     """The compression experiment: reward-curated vs random subsets vs full data.
 
     Queues one `dvc exp run --queue -S ...` per method, keep ratio and seed (runs already
@@ -194,13 +196,14 @@ def compression(ratios: str, seeds: str, methods: str, jobs: int, out_csv: Path,
     import sys
 
     from align2llava.ops.experiments import compression as run_compression
-    from align2llava.ops.experiments import parse_list, plan_runs, queue_command
+    from align2llava.ops.experiments import parse_list, parse_overrides, plan_runs, queue_command
 
     with user_errors():
         ratio_list, seed_list = parse_list(ratios, float), parse_list(seeds, int)
         method_list = parse_list(methods, str)
+        extra = parse_overrides(overrides)
         if dry_run:
-            for run in plan_runs(ratio_list, seed_list, method_list, prefix):
+            for run in plan_runs(ratio_list, seed_list, method_list, prefix, extra):
                 click.echo(shlex.join(queue_command(run)))
             return
         dvc = str(Path(sys.executable).with_name("dvc"))
@@ -208,7 +211,7 @@ def compression(ratios: str, seeds: str, methods: str, jobs: int, out_csv: Path,
             ratio_list, seed_list, method_list, out_csv=out_csv, out_md=out_csv.with_suffix(".md"),
             jobs=jobs, prefix=prefix, collect_only=collect_only, rev=rev, poll_s=poll_s,
             timeout_s=timeout_s, command_line="align2llava compression " + shlex.join(sys.argv[2:]),
-            dvc=dvc if Path(dvc).exists() else "dvc",
+            dvc=dvc if Path(dvc).exists() else "dvc", overrides=extra,
         )
     click.echo(result.table)
     click.echo(result.checks)

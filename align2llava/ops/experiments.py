@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,8 @@ class RunSpec:
     keep_ratio: float
     seed: int
     prefix: str = PREFIX
+    # the method's own `-S` overrides (e.g. full data for one epoch), after the method's settings
+    extra: tuple[tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:
@@ -114,6 +117,7 @@ class RunSpec:
         }
         if self.method == "base":
             out["finetune.mode"] = "none"
+        out.update(self.extra)
         return out
 
 
@@ -124,14 +128,34 @@ def parse_list(text: str, kind: type) -> list[Any]:
         raise Align2LlavaError(f"cannot read {text!r} as a comma-separated list of {kind.__name__}") from None
 
 
+def parse_overrides(items: Iterable[str]) -> dict[str, dict[str, str]]:
+    """`METHOD:SECTION.KEY=VALUE` strings (the CLI's --set) as {method: {key: value}}."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        m = re.fullmatch(r"([a-z_]+):([A-Za-z_][\w.]*\.[\w]+)=(.*)", item.strip())
+        if m is None:
+            raise Align2LlavaError(f"--set {item!r}: expected METHOD:SECTION.KEY=VALUE "
+                                   "(e.g. full:finetune.num_train_epochs=1)")
+        method, key, value = m.groups()
+        if method not in METHODS:
+            raise Align2LlavaError(f"--set {item!r}: unknown method {method!r} (choose from {', '.join(METHODS)})")
+        out.setdefault(method, {})[key] = value
+    return out
+
+
 def plan_runs(ratios: Iterable[float], seeds: Iterable[int], methods: Iterable[str] = DEFAULT_METHODS,
-              prefix: str = PREFIX) -> list[RunSpec]:
+              prefix: str = PREFIX, overrides: dict[str, dict[str, str]] | None = None) -> list[RunSpec]:
     """One run per (method, ratio, seed); `full` once per seed (its keep ratio is 1); `base` once
-    (keep ratio 0, first seed: nothing in it depends on a seed)."""
+    (keep ratio 0, first seed: nothing in it depends on a seed). `overrides` adds a method's own
+    params to its runs ({"full": {"finetune.num_train_epochs": "1"}})."""
     ratios, seeds, methods = list(ratios), list(seeds), list(methods)
-    unknown = [m for m in methods if m not in METHODS]
+    overrides = overrides or {}
+    unknown = [m for m in [*methods, *overrides] if m not in METHODS]
     if unknown:
         raise Align2LlavaError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
+    idle = [m for m in overrides if m not in methods]
+    if idle:
+        raise Align2LlavaError(f"--set names method {idle[0]!r}, which is not among the methods run")
     bad = [r for r in ratios if not 0.0 < r <= 1.0]
     if bad:
         raise Align2LlavaError(f"keep ratio {bad[0]} is not in (0, 1]")
@@ -140,12 +164,13 @@ def plan_runs(ratios: Iterable[float], seeds: Iterable[int], methods: Iterable[s
     runs = []
     for seed in seeds:
         for method in methods:
+            extra = tuple(sorted(overrides.get(method, {}).items()))
             if method == "base":
                 if seed == seeds[0]:
-                    runs.append(RunSpec(method, 0.0, seed, prefix))
+                    runs.append(RunSpec(method, 0.0, seed, prefix, extra))
                 continue
             for ratio in [1.0] if method == "full" else ratios:
-                runs.append(RunSpec(method, ratio, seed, prefix))
+                runs.append(RunSpec(method, ratio, seed, prefix, extra))
     return runs
 
 
@@ -386,9 +411,11 @@ def compression(
     command_line: str = "",
     runner: Runner = run_cmd,
     dvc: str = "dvc",
+    overrides: dict[str, dict[str, str]] | None = None,
 ) -> CompressionResult:
-    """Queue the missing runs (failed ones again), run the queue, wait, collect, write reports."""
-    runs = plan_runs(ratios, seeds, methods, prefix)
+    """Queue the missing runs (failed ones again), run the queue, wait, collect, write reports.
+    A run already finished under its name is reused as it is, whatever `overrides` now say."""
+    runs = plan_runs(ratios, seeds, methods, prefix, overrides)
     names = {r.name for r in runs}
     if not collect_only:
         current = {e["name"]: e["state"] for e in exp_show(runner, dvc, rev)}
