@@ -87,19 +87,19 @@ def main(pairs_file: Path, answer_model: Path, image_root: Path, limit: int | No
         base = resolve_backbone(answer_model, read_reward_config(answer_model))
         ground = Grounding.load(base, feature=feature, words={"color": COLORS, "shape": SHAPES},
                                 image_root=image_root, dtype="float32")
-        pmi = ground.raw(items)
+        feat = ground.raw(items)
         ground.image_root = None  # the test pool's images are absolute paths
-        pmi_pool = ground.raw([(str(r.image), r.question, r.answer) for r in pool])
+        feat_pool = ground.raw([(str(r.image), r.question, r.answer) for r in pool])
         own = float((meta.get("grounding") or {}).get("weight") or 0.0)
         if own and (meta.get("grounding") or {}).get("feature") != feature:
             raise click.UsageError(f"{answer_model} has a {meta['grounding']['feature']} grounding term; pass that --feature")
         if own:  # the RM's own grounding term, as score adds it
-            rm_scores = [a + own * b for a, b in zip(rm_scores, pmi)]
-            rm_pool = [a + own * b for a, b in zip(rm_pool, pmi_pool)]
+            rm_scores = [a + own * b for a, b in zip(rm_scores, feat)]
+            rm_pool = [a + own * b for a, b in zip(rm_pool, feat_pool)]
 
     f, combo = ("image PMI", "RM + w PMI") if feature == "image_pmi" else ("word margin", "RM + w margin")
-    best = max(GRID, key=lambda w: (_accuracy(index["train"], [a + w * b for a, b in zip(rm_scores, pmi)]), -w))
-    combined = [a + best * b for a, b in zip(rm_scores, pmi)]
+    best = max(GRID, key=lambda w: (_accuracy(index["train"], [a + w * b for a, b in zip(rm_scores, feat)]), -w))
+    combined = [a + best * b for a, b in zip(rm_scores, feat)]
     truth_of = {im: measure_image(image_root / im)[:2] for im in {p["image"] for p in val}}
     classes: dict[str, list[int]] = defaultdict(list)
     for k, p in enumerate(val):
@@ -111,11 +111,11 @@ def main(pairs_file: Path, answer_model: Path, image_root: Path, limit: int | No
     for cls in (*CLASSES, "all"):
         ks = list(range(len(val))) if cls == "all" else classes[cls]
         ps = [index["val"][k] for k in ks]
-        click.echo(f"{cls:<10}  {len(ps):>5}  {_accuracy(ps, rm_scores):>9.3f}  {_accuracy(ps, pmi):>11.3f}  "
+        click.echo(f"{cls:<10}  {len(ps):>5}  {_accuracy(ps, rm_scores):>9.3f}  {_accuracy(ps, feat):>11.3f}  "
                    f"{_accuracy(ps, combined):>13.3f}")
     click.echo(f"test pool ({len(pool)} answers on {len(images)} easy-vqa test images): defect AUROC")
-    scored = {"answer RM": rm_pool, f: pmi_pool,
-              combo: [a + best * b for a, b in zip(rm_pool, pmi_pool)]}
+    scored = {"answer RM": rm_pool, f: feat_pool,
+              combo: [a + best * b for a, b in zip(rm_pool, feat_pool)]}
     aurocs = {name: defect_auroc(pool, s) for name, s in scored.items()}
     for d in aurocs["answer RM"]:
         click.echo(f"{d:<20}  " + "  ".join(f"{name} {aurocs[name][d]:.3f}" for name in scored))
@@ -127,8 +127,8 @@ def main(pairs_file: Path, answer_model: Path, image_root: Path, limit: int | No
     click.echo(f"{combo} for every w of the grid: training / validation pair accuracy, test-pool AUROC")
     click.echo(f"{'w':>6}  {'train':>6}  {'val':>6}  " + "  ".join(f"{d:>18}" for d in defects))
     for w in GRID:
-        pairs = [a + w * b for a, b in zip(rm_scores, pmi)]
-        auc = defect_auroc(pool, [a + w * b for a, b in zip(rm_pool, pmi_pool)])
+        pairs = [a + w * b for a, b in zip(rm_scores, feat)]
+        auc = defect_auroc(pool, [a + w * b for a, b in zip(rm_pool, feat_pool)])
         click.echo(f"{w:>6g}  {_accuracy(index['train'], pairs):>6.3f}  {_accuracy(index['val'], pairs):>6.3f}  "
                    + "  ".join(f"{auc[d]:>18.3f}" for d in defects))
 
