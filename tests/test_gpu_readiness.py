@@ -128,5 +128,6 @@ def test_harness_preset_applies_and_loads_strictly(tmp_path):
     assert data["synthesize"]["pool_sizes"] == {"vqa": 3000} and data["synthesize"]["vqa_wording"] == "easy_vqa"
     assert data["finetune"]["learning_rate"] == 1.0e-3 and data["evaluate"]["likelihood_span"] == "start"
     assert data["synthesize"]["instruct_images"] == 100  # the 100 train images the pool leaves
-    assert len(changes) == 6
+    assert data["synthesize"]["annotate_fraction"] == 0.04  # near the default demo's 120 annotated records
+    assert len(changes) == 7
     check_params(data, params)
