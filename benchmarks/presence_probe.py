@@ -30,10 +30,6 @@ from align2llava.ops.clikit import setup_logging, user_errors
 FORMS = {"instruct wording": "", "short answer": "\nAnswer the question using a single word or phrase."}
 
 
-def _a(word: str) -> str:
-    return ("an " if word[0] in "aeiou" else "a ") + word
-
-
 @click.command()
 @click.option("--model", "model_dir", default="models/instruct", show_default=True, type=click.Path(path_type=Path))
 @click.option("--image-root", default="data/synthesize/images", show_default=True, type=click.Path(path_type=Path))
@@ -48,6 +44,8 @@ def main(model_dir: Path, image_root: Path, n_images: int, pool_file: Path | Non
     setup_logging()
     with user_errors():
         from align2llava.data.records import qa_pairs
+        from align2llava.demo.diagnostics import read_oracle
+        from align2llava.demo.synthesis.instruct_data import PRESENCE, _a
         from align2llava.demo.synthesis.world import COLORS, SHAPES, measure_image
         from align2llava.steps.evaluation.ranking import auroc
         from align2llava.steps.grounding import Grounding
@@ -59,10 +57,12 @@ def main(model_dir: Path, image_root: Path, n_images: int, pool_file: Path | Non
         cases = []  # (image, question, present)
         for path in rng.sample(tests, min(n_images, len(tests))):
             shape, color, *_ = measure_image(path)
-            for words, true in ((COLORS, color), (SHAPES, shape)):
+            # one wording of each kind from the instruct stage's own: "Is there a {x} shape in the
+            # image?", "Does the image show {a_x}?"
+            for words, true, template in ((COLORS, color, PRESENCE["color"][0]), (SHAPES, shape, PRESENCE["shape"][2])):
                 present = rng.random() < 0.5
                 x = true if present else rng.choice([w for w in words if w != true])
-                q = f"Is there a {x} shape in the image?" if words is COLORS else f"Does the image show {_a(x)}?"
+                q = template.format(x=x, a_x=_a(x))
                 cases.append((str(path.relative_to(image_root)), q, present))
         ground = Grounding.load(model_dir, feature="word_margin", words={"answer": ["yes", "no"]},
                                 image_root=image_root, dtype="float32")
@@ -75,10 +75,7 @@ def main(model_dir: Path, image_root: Path, n_images: int, pool_file: Path | Non
                        f"{sum(m > 0 for m in pos) / len(pos):.2f}, to absent {sum(m > 0 for m in neg) / len(neg):.2f}")
         if pool_file is not None:
             pool = json.loads(pool_file.read_text(encoding="utf-8"))
-            oracle = {}
-            for line in oracle_file.read_text(encoding="utf-8").splitlines():
-                row = json.loads(line)
-                oracle[row["id"]] = row
+            oracle = read_oracle(oracle_file)
             items, wrong = [], []
             for rec in pool:
                 if rec.get("task") != "vqa" or rec["id"] not in oracle:
