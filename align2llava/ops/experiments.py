@@ -150,10 +150,10 @@ def plan_runs(ratios: Iterable[float], seeds: Iterable[int], methods: Iterable[s
     params to its runs ({"full": {"finetune.num_train_epochs": "1"}})."""
     ratios, seeds, methods = list(ratios), list(seeds), list(methods)
     overrides = overrides or {}
-    unknown = [m for m in [*methods, *overrides] if m not in METHODS]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise Align2LlavaError(f"unknown method {unknown[0]!r} (choose from {', '.join(METHODS)})")
-    idle = [m for m in overrides if m not in methods]
+    idle = [m for m in overrides if m not in methods]  # unknown ones included
     if idle:
         raise Align2LlavaError(f"--set names method {idle[0]!r}, which is not among the methods run")
     bad = [r for r in ratios if not 0.0 < r <= 1.0]
