@@ -11,6 +11,9 @@ own wording ("Is there a blue shape in the image?") and with the short-answer in
 pool's vqa records. The model's answer is its reply's first token: log p(Yes) - log p(No), read
 by the grounding term's word-margin code with the group {yes, no}. Printed per form: the AUROC of
 that margin for present over absent (0.5: it does not look), and how often it says yes to each.
+Then what the answer reward's grounding term reads of a bare "Yes" to the same questions: the
+margin of the word the question names among its group (colours, shapes), read in a neutral
+statement ("The image shows a blue"; steps/grounding.py, affirmed words), and its AUROC.
 
 With --pool, also the pool's vqa turns answered "Yes" and the AUROC of the margin for the right
 ones over the wrong ones (the demo oracle's wrong_yes_no): what a reward model built on this base
@@ -73,6 +76,13 @@ def main(model_dir: Path, image_root: Path, n_images: int, pool_file: Path | Non
             neg = [m for m, c in zip(margins, cases) if not c[2]]
             click.echo(f"  {form:<17} AUROC present > absent {auroc(pos, neg):.3f}; says yes to present "
                        f"{sum(m > 0 for m in pos) / len(pos):.2f}, to absent {sum(m > 0 for m in neg) / len(neg):.2f}")
+        term = Grounding(ground.model, ground.processor, feature="word_margin",
+                         words={"color": list(COLORS), "shape": list(SHAPES)}, image_root=image_root)
+        margins = term.raw([(im, q, "Yes") for im, q, _ in cases])
+        pos = [m for m, c in zip(margins, cases) if c[2]]
+        neg = [m for m, c in zip(margins, cases) if not c[2]]
+        click.echo(f"  'Yes' as the term reads it: AUROC present > absent {auroc(pos, neg):.3f}; margin > 0 for present "
+                   f"{sum(m > 0 for m in pos) / len(pos):.2f}, for absent {sum(m > 0 for m in neg) / len(neg):.2f}")
         if pool_file is not None:
             pool = json.loads(pool_file.read_text(encoding="utf-8"))
             oracle = read_oracle(oracle_file)
@@ -88,11 +98,12 @@ def main(model_dir: Path, image_root: Path, n_images: int, pool_file: Path | Non
             if not items:
                 raise click.UsageError(f"{pool_file}: no vqa turn answered 'Yes'")
             items, wrong = items[:pool_answers], wrong[:pool_answers]
-            margins = ground.raw(items)
-            right = [m for m, w in zip(margins, wrong) if not w]
-            bad_m = [m for m, w in zip(margins, wrong) if w]
-            click.echo(f"  pool vqa 'Yes' answers: {len(items)} ({len(bad_m)} wrong); AUROC right > wrong "
-                       f"{auroc(right, bad_m) if right and bad_m else float('nan'):.3f}")
+            for name, reader in (("first token", ground), ("term", term)):
+                margins = reader.raw(items)
+                right = [m for m, w in zip(margins, wrong) if not w]
+                bad_m = [m for m, w in zip(margins, wrong) if w]
+                click.echo(f"  pool vqa 'Yes' answers: {len(items)} ({len(bad_m)} wrong); AUROC right > wrong, "
+                           f"{name}: {auroc(right, bad_m) if right and bad_m else float('nan'):.3f}")
 
 
 if __name__ == "__main__":

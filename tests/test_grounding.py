@@ -204,6 +204,44 @@ def test_word_margin_is_the_smallest_margin_of_the_stated_words(tiny_llava, imag
     assert fav >= 0.0 > oth
 
 
+def test_a_yes_affirms_the_group_words_of_its_question(tiny_llava):
+    from align2llava.models.loading import load_mllm
+    from align2llava.steps.grounding import AFFIRM_QUESTION, affirmed_sites, word_sites
+
+    _, processor = load_mllm(tiny_llava, dtype="float32")
+    q = "Is there a red circle in the image?"
+    got = affirmed_sites(processor, q, "Yes.", WORDS)
+    # each word the question states, read as the next word of the neutral statement
+    assert got == [word_sites(processor, AFFIRM_QUESTION, "The image shows a red", WORDS),
+                   word_sites(processor, AFFIRM_QUESTION, "The image shows a circle", WORDS)]
+    assert all(sites for _, sites in got)
+    assert affirmed_sites(processor, q, "yes, it is", WORDS) == got
+    assert affirmed_sites(processor, q, "No.", WORDS) == []              # a no denies the whole question
+    assert affirmed_sites(processor, q, "It is yes.", WORDS) == []       # not an answer that begins with yes
+    assert affirmed_sites(processor, "Is there no red shape?", "Yes.", WORDS) == []  # negated in the question
+    assert affirmed_sites(processor, "Is it big?", "Yes.", WORDS) == []
+
+
+def test_word_margin_of_a_yes_counts_the_affirmed_words(tiny_llava, image_root):
+    from align2llava.steps.grounding import AFFIRM_QUESTION, word_sites
+
+    ground = Grounding.load(tiny_llava, feature="word_margin", words=WORDS, image_root=image_root,
+                            dtype="float32", batch_size=2)
+    q = "Is the red shape a circle?"
+    red, circle = ground.raw([("a.png", AFFIRM_QUESTION, "The image shows a red"),
+                              ("a.png", AFFIRM_QUESTION, "The image shows a circle")])
+    # the answer's own word, read in its own context (the model's logits)
+    rows = _reference_rows(ground.model, ground.processor, image_root, "a.png", q, "Yes, it is blue.")
+    [(step, ids)] = word_sites(ground.processor, q, "Yes, it is blue.", WORDS)[1]
+    own = rows[step, ids[0]].item() - max(rows[step, t].item() for t in ids[1:])
+    got = ground.raw([("a.png", q, "Yes."), ("a.png", q, "Yes, it is blue."), ("a.png", q, "No."),
+                      (None, q, "Yes.")])
+    assert red != circle
+    assert got[0] == pytest.approx(min(red, circle), abs=1e-4)
+    assert got[1] == pytest.approx(min(red, circle, own), abs=1e-4)
+    assert got[2] == 0.0 and got[3] == 0.0   # a no names no word and affirms none; no image: no reading
+
+
 def test_word_margin_words_are_checked():
     from align2llava.steps.grounding import check_words
 

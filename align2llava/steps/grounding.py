@@ -33,6 +33,15 @@ compete at one place of one sentence, so sentence form and length cancel. One fo
 answer that names a group word, as far as its last one; none for the rest. Measured on the demo:
 answer RM 0.870 against 0.725 without the term.
 
+An answer that begins with "yes" also affirms the group words its question states ("Is there a
+red shape?" "Yes."), words it need not repeat. Each is read the same way in a neutral statement,
+the reply "The image shows a red" to "What is in the image?" (one short pass per word), and
+counts in the smallest margin. The base cannot be asked the question itself: on the demo its
+first reply token (log p(Yes) - log p(No)) ranks present over absent words at chance (AUROC
+0.52), while this reading of the same words ranks them at 0.98 (`benchmarks.presence_probe`).
+A "no" denies the question as a whole ("Is the blue shape a circle?" "No."), not each of its
+words, so it affirms nothing.
+
 `fit_weight` chooses the term's weight on the training pairs before the RM head is trained
 (a one-parameter Bradley-Terry fit), and the head is then trained on top of it (the term is a
 fixed offset in its loss), so it learns what the term does not explain.
@@ -58,6 +67,10 @@ log = logging.getLogger(__name__)
 FEATURES = ("none", "image_pmi", "word_margin")
 # words after which a group word states nothing about the image, up to the end of the clause
 NEGATIONS = frozenset({"no", "not", "nor", "neither", "never", "without", "none", "nothing"})
+# how word_margin reads a word that a "yes" affirms: the base's reply to this question, the word after it
+AFFIRM_QUESTION = "What is in the image?"
+AFFIRM_REPLY = "The image shows {a} {word}"
+
 _CLAUSE_END = re.compile(r"[,.;:!?()]")
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 
@@ -133,27 +146,35 @@ class Grounding:
         return out
 
     def _word_margin(self, items: Sequence[Triple], meter: Any = None) -> list[float]:
-        """The smallest margin of each answer's group words (module doc); one pass per answer
-        that has an image and names one."""
+        """The smallest margin of each answer's group words and of those its "yes" affirms
+        (module doc); one pass per answer that has an image and names one, and one per affirmed
+        word."""
         out = [0.0] * len(items)
-        rows = []
+        rows = []  # (item, question, reply tokens up to the last site, sites)
         for i, (image, q, a) in enumerate(items):
-            if image is not None:
-                cont, sites = word_sites(self.processor, q, a, self.words)
+            if image is None:
+                continue
+            for question, (cont, sites) in [(q, word_sites(self.processor, q, a, self.words)),
+                                            *((AFFIRM_QUESTION, s) for s in affirmed_sites(self.processor, q, a, self.words))]:
                 if sites:  # the tokens after the last site's cannot move its margins
-                    rows.append((i, cont[: max(step for step, _ in sites) + 1], sites))
-        rows.sort(key=lambda r: -len(r[1]))
+                    rows.append((i, question, cont[: max(step for step, _ in sites) + 1], sites))
+        rows.sort(key=lambda r: -len(r[2]))
+        found = [False] * len(items)
         for s in range(0, len(rows), self.batch_size):
             chunk = rows[s: s + self.batch_size]
-            batch = [_Item(items[i][1], items[i][0]) for i, *_ in chunk]
-            got = self.scorer.at_steps(batch, [r[1] for r in chunk], [r[2] for r in chunk],
+            batch = [_Item(question, items[i][0]) for i, question, *_ in chunk]
+            got = self.scorer.at_steps(batch, [r[2] for r in chunk], [r[3] for r in chunk],
                                        image_root=self.image_root, instruction="")
+            new = 0
             for (i, *_), sites in zip(chunk, got):
-                out[i] = min(lp[0] - max(lp[1:]) for lp in sites)
+                margin = min(lp[0] - max(lp[1:]) for lp in sites)
+                out[i] = margin if not found[i] else min(out[i], margin)
+                new += not found[i]
+                found[i] = True
             if meter is not None:
-                meter.update(len(chunk), tok=sum(len(r[1]) for r in chunk))
+                meter.update(new, tok=sum(len(r[2]) for r in chunk))
         if meter is not None:
-            meter.update(len(items) - len(rows))
+            meter.update(len(items) - sum(found))
         return out
 
 
@@ -177,10 +198,27 @@ def check_words(words: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
     return out
 
 
+def stated_words(text: str, words: Mapping[str, Sequence[str]]) -> list[re.Match[str]]:
+    """The group words `text` states: not after a negation in the same clause (a clause ends at
+    , . ; : ! ? ( ) and before "but")."""
+    group_of = {w for ws in words.values() for w in ws}
+    out = []
+    negated, end = False, 0
+    for m in _WORD.finditer(text):
+        low = m.group().lower()
+        if _CLAUSE_END.search(text, end, m.start()) or low == "but":
+            negated = False
+        end = m.end()
+        if low in NEGATIONS or low.endswith("n't"):
+            negated = True
+        if low in group_of and not negated:
+            out.append(m)
+    return out
+
+
 def word_sites(processor: Any, question: str, answer: str, words: Mapping[str, Sequence[str]]
                ) -> tuple[list[int], list[tuple[int, list[int]]]]:
-    """The answer's reply tokens and, for each group word it states (no negation earlier in its
-    clause: a clause ends at , . ; : ! ? ( ) and before "but"), its site:
+    """The answer's reply tokens and, for each group word it states (`stated_words`), its site:
     (the step of the reply where the word's first token is predicted, [the written word's first
     token, then every other word's of its group whose first token differs]). A word whose
     alternatives cannot be placed at that step (the tokenizer merges it with what precedes) is
@@ -190,16 +228,8 @@ def word_sites(processor: Any, question: str, answer: str, words: Mapping[str, S
     group_of = {w: g for g, ws in words.items() for w in ws}
     cont: list[int] | None = None
     sites = []
-    negated, end = False, 0
-    for m in _WORD.finditer(answer):
+    for m in stated_words(answer, words):
         word, low = m.group(), m.group().lower()
-        if _CLAUSE_END.search(answer, end, m.start()) or low == "but":
-            negated = False
-        end = m.end()
-        if low in NEGATIONS or low.endswith("n't"):
-            negated = True
-        if low not in group_of or negated:
-            continue
         if cont is None:
             cont = continuation_ids(processor, question, answer, image=True, span="start")
         head = answer[: m.start()]
@@ -214,6 +244,21 @@ def word_sites(processor: Any, question: str, answer: str, words: Mapping[str, S
         if others:
             sites.append((step, [first, *others]))
     return cont or [], sites
+
+
+def affirmed_sites(processor: Any, question: str, answer: str, words: Mapping[str, Sequence[str]]
+                   ) -> list[tuple[list[int], list[tuple[int, list[int]]]]]:
+    """For an answer whose first word is "yes": `word_sites` of each group word the question
+    states, read in the neutral reply `AFFIRM_REPLY` to `AFFIRM_QUESTION` (module doc); [] for
+    any other answer."""
+    first = _WORD.search(answer)
+    if first is None or first.group().lower() != "yes":
+        return []
+    out = []
+    for word in dict.fromkeys(m.group().lower() for m in stated_words(question, words)):
+        reply = AFFIRM_REPLY.format(a="an" if word[0] in "aeiou" else "a", word=word)
+        out.append(word_sites(processor, AFFIRM_QUESTION, reply, words))
+    return out
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
