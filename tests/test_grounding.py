@@ -204,22 +204,17 @@ def test_word_margin_is_the_smallest_margin_of_the_stated_words(tiny_llava, imag
     assert fav >= 0.0 > oth
 
 
-def test_a_yes_affirms_the_group_words_of_its_question(tiny_llava):
-    from align2llava.models.loading import load_mllm
-    from align2llava.steps.grounding import AFFIRM_QUESTION, affirmed_sites, word_sites
+def test_a_yes_affirms_the_group_words_of_its_question():
+    from align2llava.steps.grounding import affirmed_words
 
-    _, processor = load_mllm(tiny_llava, dtype="float32")
     q = "Is there a red circle in the image?"
-    got = affirmed_sites(processor, q, "Yes.", WORDS)
-    # each word the question states, read as the next word of the neutral statement
-    assert got == [word_sites(processor, AFFIRM_QUESTION, "The image shows a red", WORDS),
-                   word_sites(processor, AFFIRM_QUESTION, "The image shows a circle", WORDS)]
-    assert all(sites for _, sites in got)
-    assert affirmed_sites(processor, q, "yes, it is", WORDS) == got
-    assert affirmed_sites(processor, q, "No.", WORDS) == []              # a no denies the whole question
-    assert affirmed_sites(processor, q, "It is yes.", WORDS) == []       # not an answer that begins with yes
-    assert affirmed_sites(processor, "Is there no red shape?", "Yes.", WORDS) == []  # negated in the question
-    assert affirmed_sites(processor, "Is it big?", "Yes.", WORDS) == []
+    assert affirmed_words(q, "Yes.", WORDS) == ["red", "circle"]
+    assert affirmed_words(q, "yes, it is", WORDS) == ["red", "circle"]
+    assert affirmed_words("Is it RED? Red, I mean.", "Yes", WORDS) == ["red"]
+    assert affirmed_words(q, "No.", WORDS) == []               # a no denies the whole question
+    assert affirmed_words(q, "It is yes.", WORDS) == []        # not an answer that begins with yes
+    assert affirmed_words("Is there no red shape?", "Yes.", WORDS) == []  # negated in the question
+    assert affirmed_words("Is it big?", "Yes.", WORDS) == []
 
 
 def test_word_margin_of_a_yes_counts_the_affirmed_words(tiny_llava, image_root):
@@ -240,6 +235,11 @@ def test_word_margin_of_a_yes_counts_the_affirmed_words(tiny_llava, image_root):
     assert got[0] == pytest.approx(min(red, circle), abs=1e-4)
     assert got[1] == pytest.approx(min(red, circle, own), abs=1e-4)
     assert got[2] == 0.0 and got[3] == 0.0   # a no names no word and affirms none; no image: no reading
+    # one reading per image serves every answer about it; alone, each scores the same
+    more = [("b.png", q, "Yes."), ("a.png", "Is it green?", "yes"), ("b.png", "Is it a square?", "Yes.")]
+    together = ground.raw(more + [("a.png", q, "Yes.")])
+    assert together == pytest.approx([ground.raw([it])[0] for it in more] + [got[0]], abs=1e-4)
+    assert len(set(round(v, 4) for v in together)) == 4
 
 
 def test_word_margin_words_are_checked():

@@ -88,6 +88,8 @@ class Grounding:
         if feature not in FEATURES[1:]:
             raise ValueError(f"grounding feature {feature!r}: one of {', '.join(FEATURES[1:])}")
         self.words = check_words(words or {}) if feature == "word_margin" else {}
+        self._group_of = {w: g for g, ws in self.words.items() for w in ws}
+        self._statements: dict[str, tuple[list[int], int, dict[str, int], list[int]]] = {}
         self.model, self.processor, self.feature = model, processor, feature
         self.weight, self.image_root, self.batch_size = float(weight), image_root, batch_size
         self.scorer = _Scorer(model, processor)
@@ -147,35 +149,73 @@ class Grounding:
 
     def _word_margin(self, items: Sequence[Triple], meter: Any = None) -> list[float]:
         """The smallest margin of each answer's group words and of those its "yes" affirms
-        (module doc); one pass per answer that has an image and names one, and one per affirmed
-        word."""
+        (module doc); one pass per answer that has an image and names one, and one per image
+        (and article) for the affirmed words of all its answers."""
         out = [0.0] * len(items)
-        rows = []  # (item, question, reply tokens up to the last site, sites)
+        affirmed = {i: affirmed_words(q, a, self.words) for i, (image, q, a) in enumerate(items) if image is not None}
+        read = self._affirmed({(items[i][0], w) for i, ws in affirmed.items() for w in ws})
+        for i, ws in affirmed.items():
+            margins = [read[(items[i][0], w)] for w in ws if (items[i][0], w) in read]
+            out[i] = min(margins, default=0.0)
+        rows = []
         for i, (image, q, a) in enumerate(items):
-            if image is None:
-                continue
-            for question, (cont, sites) in [(q, word_sites(self.processor, q, a, self.words)),
-                                            *((AFFIRM_QUESTION, s) for s in affirmed_sites(self.processor, q, a, self.words))]:
+            if image is not None:
+                cont, sites = word_sites(self.processor, q, a, self.words)
                 if sites:  # the tokens after the last site's cannot move its margins
-                    rows.append((i, question, cont[: max(step for step, _ in sites) + 1], sites))
-        rows.sort(key=lambda r: -len(r[2]))
-        found = [False] * len(items)
+                    rows.append((i, cont[: max(step for step, _ in sites) + 1], sites))
+        rows.sort(key=lambda r: -len(r[1]))
         for s in range(0, len(rows), self.batch_size):
             chunk = rows[s: s + self.batch_size]
-            batch = [_Item(question, items[i][0]) for i, question, *_ in chunk]
-            got = self.scorer.at_steps(batch, [r[2] for r in chunk], [r[3] for r in chunk],
+            batch = [_Item(items[i][1], items[i][0]) for i, *_ in chunk]
+            got = self.scorer.at_steps(batch, [r[1] for r in chunk], [r[2] for r in chunk],
                                        image_root=self.image_root, instruction="")
-            new = 0
             for (i, *_), sites in zip(chunk, got):
-                margin = min(lp[0] - max(lp[1:]) for lp in sites)
-                out[i] = margin if not found[i] else min(out[i], margin)
-                new += not found[i]
-                found[i] = True
+                own = min(lp[0] - max(lp[1:]) for lp in sites)
+                out[i] = min(own, out[i]) if affirmed.get(i) else own
             if meter is not None:
-                meter.update(new, tok=sum(len(r[2]) for r in chunk))
+                meter.update(len(chunk), tok=sum(len(r[1]) for r in chunk))
         if meter is not None:
-            meter.update(len(items) - sum(found))
+            meter.update(len(items) - len(rows))
         return out
+
+    def _affirmed(self, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        """{(image, word): the word's margin as the next word of AFFIRM_REPLY}: one pass per
+        image and article, reading every group word at once. A word that cannot be placed there,
+        or whose group's others share its first token, is left out."""
+        rows: dict[tuple[str, str], list[str]] = {}
+        for image, word in sorted(wanted):
+            rows.setdefault((image, _article(word)), []).append(word)
+        keys = sorted(rows)
+        read: dict[tuple[str, str], float] = {}
+        for s in range(0, len(keys), self.batch_size):
+            chunk = keys[s: s + self.batch_size]
+            statements = [self._statement(article) for _, article in chunk]
+            got = self.scorer.at_steps([_Item(AFFIRM_QUESTION, image) for image, _ in chunk],
+                                       [st[0] for st in statements], [[(st[1], st[3])] for st in statements],
+                                       image_root=self.image_root, instruction="")
+            for (image, article), (_, _, first, ids), [lps] in zip(chunk, statements, got):
+                lp = dict(zip(ids, lps))
+                for word in rows[(image, article)]:
+                    others = {first[o] for o in self.words[self._group_of[word]] if o in first} - {first.get(word)}
+                    if word in first and others:
+                        read[(image, word)] = lp[first[word]] - max(lp[t] for t in others)
+        return read
+
+    def _statement(self, article: str) -> tuple[list[int], int, dict[str, int], list[int]]:
+        """AFFIRM_REPLY's tokens with `article` up to where the word's first token is predicted:
+        (those tokens, that step, {word: its first token}, the distinct first tokens)."""
+        if article not in self._statements:
+            from align2llava.models.chat import continuation_ids
+
+            ws = [w for w in self._group_of if _article(w) == article]
+            written = {w: continuation_ids(self.processor, AFFIRM_QUESTION, AFFIRM_REPLY.format(a=article, word=w),
+                                           image=True, span="start") for w in ws}
+            some = next(iter(written.values()), [])
+            step = _common_prefix(list(written.values()))
+            # one word of an article has nothing to be compared with (it is left out)
+            first = {w: ids[step] for w, ids in written.items() if len(ids) > step} if len(written) > 1 else {}
+            self._statements[article] = (some[: step + 1], step, first, sorted(set(first.values())))
+        return self._statements[article]
 
 
 def check_words(words: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
@@ -246,19 +286,17 @@ def word_sites(processor: Any, question: str, answer: str, words: Mapping[str, S
     return cont or [], sites
 
 
-def affirmed_sites(processor: Any, question: str, answer: str, words: Mapping[str, Sequence[str]]
-                   ) -> list[tuple[list[int], list[tuple[int, list[int]]]]]:
-    """For an answer whose first word is "yes": `word_sites` of each group word the question
-    states, read in the neutral reply `AFFIRM_REPLY` to `AFFIRM_QUESTION` (module doc); [] for
-    any other answer."""
+def affirmed_words(question: str, answer: str, words: Mapping[str, Sequence[str]]) -> list[str]:
+    """The group words (lower case) an answer whose first word is "yes" affirms: those its
+    question states (`stated_words`); [] for any other answer."""
     first = _WORD.search(answer)
     if first is None or first.group().lower() != "yes":
         return []
-    out = []
-    for word in dict.fromkeys(m.group().lower() for m in stated_words(question, words)):
-        reply = AFFIRM_REPLY.format(a="an" if word[0] in "aeiou" else "a", word=word)
-        out.append(word_sites(processor, AFFIRM_QUESTION, reply, words))
-    return out
+    return list(dict.fromkeys(m.group().lower() for m in stated_words(question, words)))
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
