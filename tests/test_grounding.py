@@ -242,6 +242,29 @@ def test_word_margin_of_a_yes_counts_the_affirmed_words(tiny_llava, image_root):
     assert len(set(round(v, 4) for v in together)) == 4
 
 
+def test_an_affirmed_word_that_cannot_be_read_leaves_the_answer_own_margin(tiny_llava, image_root):
+    from align2llava.models.chat import continuation_ids
+    from align2llava.steps.grounding import word_sites
+
+    # "orange" is the only word read after "an": nothing to compare it with, so it is not read
+    words = {"color": [*WORDS["color"], "orange"], "shape": WORDS["shape"]}
+    ground = Grounding.load(tiny_llava, feature="word_margin", words=words, image_root=image_root,
+                            dtype="float32", batch_size=2)
+    q = "Is it orange?"
+    rows = _reference_rows(ground.model, ground.processor, image_root, "a.png", q, "Yes, it is red.")
+    step = word_sites(ground.processor, q, "Yes, it is red.", words)[1][0][0]
+    firsts = {w: continuation_ids(ground.processor, q, "Yes, it is " + w, image=True, span="start")[step]
+              for w in words["color"]}
+    favourite = max(words["color"], key=lambda w: rows[step, firsts[w]].item())
+    answer = f"Yes, it is {favourite}."
+    [(step, ids)] = word_sites(ground.processor, q, answer, words)[1]
+    rows = _reference_rows(ground.model, ground.processor, image_root, "a.png", q, answer)
+    own = rows[step, ids[0]].item() - max(rows[step, t].item() for t in ids[1:])
+    assert own > 0.0  # so a stray 0 from the unread word would show
+    assert ground.raw([("a.png", q, answer)])[0] == pytest.approx(own, abs=1e-4)
+    assert ground.raw([("a.png", q, "Yes.")]) == [0.0]
+
+
 def test_word_margin_words_are_checked():
     from align2llava.steps.grounding import check_words
 

@@ -35,8 +35,8 @@ answer RM 0.870 against 0.725 without the term.
 
 An answer that begins with "yes" also affirms the group words its question states ("Is there a
 red shape?" "Yes."), words it need not repeat. Each is read the same way in a neutral statement,
-the reply "The image shows a red" to "What is in the image?" (one short pass per word), and
-counts in the smallest margin. The base cannot be asked the question itself: on the demo its
+the reply "The image shows a red" to "What is in the image?" (one short pass per image and
+article, for all its answers' words), and counts in the smallest margin. The base cannot be asked the question itself: on the demo its
 first reply token (log p(Yes) - log p(No)) ranks present over absent words at chance (AUROC
 0.52), while this reading of the same words ranks them at 0.98 (`benchmarks.presence_probe`).
 A "no" denies the question as a whole ("Is the blue shape a circle?" "No."), not each of its
@@ -154,9 +154,12 @@ class Grounding:
         out = [0.0] * len(items)
         affirmed = {i: affirmed_words(q, a, self.words) for i, (image, q, a) in enumerate(items) if image is not None}
         read = self._affirmed({(items[i][0], w) for i, ws in affirmed.items() for w in ws})
+        has_read = set()  # the items with a margin already (an affirmed word that could be read)
         for i, ws in affirmed.items():
             margins = [read[(items[i][0], w)] for w in ws if (items[i][0], w) in read]
-            out[i] = min(margins, default=0.0)
+            if margins:
+                out[i] = min(margins)
+                has_read.add(i)
         rows = []
         for i, (image, q, a) in enumerate(items):
             if image is not None:
@@ -171,7 +174,7 @@ class Grounding:
                                        image_root=self.image_root, instruction="")
             for (i, *_), sites in zip(chunk, got):
                 own = min(lp[0] - max(lp[1:]) for lp in sites)
-                out[i] = min(own, out[i]) if affirmed.get(i) else own
+                out[i] = min(own, out[i]) if i in has_read else own
             if meter is not None:
                 meter.update(len(chunk), tok=sum(len(r[1]) for r in chunk))
         if meter is not None:
@@ -184,7 +187,8 @@ class Grounding:
         or whose group's others share its first token, is left out."""
         rows: dict[tuple[str, str], list[str]] = {}
         for image, word in sorted(wanted):
-            rows.setdefault((image, _article(word)), []).append(word)
+            if word in self._statement(_article(word))[2]:  # else it cannot be read (docstring)
+                rows.setdefault((image, _article(word)), []).append(word)
         keys = sorted(rows)
         read: dict[tuple[str, str], float] = {}
         for s in range(0, len(keys), self.batch_size):
@@ -241,7 +245,7 @@ def check_words(words: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
 def stated_words(text: str, words: Mapping[str, Sequence[str]]) -> list[re.Match[str]]:
     """The group words `text` states: not after a negation in the same clause (a clause ends at
     , . ; : ! ? ( ) and before "but")."""
-    group_of = {w for ws in words.values() for w in ws}
+    vocabulary = {w for ws in words.values() for w in ws}
     out = []
     negated, end = False, 0
     for m in _WORD.finditer(text):
@@ -251,7 +255,7 @@ def stated_words(text: str, words: Mapping[str, Sequence[str]]) -> list[re.Match
         end = m.end()
         if low in NEGATIONS or low.endswith("n't"):
             negated = True
-        if low in group_of and not negated:
+        if low in vocabulary and not negated:
             out.append(m)
     return out
 
