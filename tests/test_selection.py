@@ -271,3 +271,37 @@ def test_stage_reads_the_oracle_for_the_oracle_method_only(tmp_path):
     selected = json.loads((tmp_path / "out" / "selected.json").read_text())
     defective = {r["id"] for r in rows if r["defects"]}
     assert len(selected) == 15 and not {r["id"] for r in selected} & defective
+
+
+def test_turn_aggregate_min_ranks_records_by_their_worst_turn():
+    pool, rows = make_pool()
+    for r in rows:  # conversations: two turns, one good; the mean hides the bad one
+        if r["task"] == "conversation":
+            i = int(r["id"][-3:])
+            good, bad = 5.0 + i * 0.01, (-5.0 if i % 2 else 4.0) + i * 0.01
+            r["turns"] = [{"turn": 0, "scores": [good], "best": 0}, {"turn": 1, "scores": [bad], "best": 0}]
+            r["answer_score"] = 10.0 - (good + bad) / 2  # the file's mean, made to disagree
+            r["question_score"] = 0.0
+    scores = parse_scores(rows)
+    mean = {r["id"] for r in select(pool, scores, SelectParams()).selected if r["task"] == "conversation"}
+    worst = {r["id"] for r in select(pool, scores, SelectParams(turn_aggregate="min")).selected
+             if r["task"] == "conversation"}
+    q = sorted((r["id"] for r in rows if r["task"] == "conversation"))[:6]  # question ties: by id
+    assert worst == {"conv-004", "conv-002"}  # the even ones (bad turn 4.0), highest worst turn
+    assert mean == {"conv-001", "conv-003"} and set(q) >= mean | worst  # mean reads answer_score
+    # the other tasks (one turn) select the same records either way
+    assert ({r["id"] for r in select(pool, scores, SelectParams()).selected} - mean
+            == {r["id"] for r in select(pool, scores, SelectParams(turn_aggregate="min")).selected} - worst)
+
+
+def test_a_turn_score_that_is_not_a_finite_number_is_an_error():
+    _, rows = make_pool(n_per_task=2)
+    bad = dict(rows[0], turns=[dict(rows[0]["turns"][0], scores=["x"], best=0)])
+    with pytest.raises(DataError, match=r"line 1 \(id conv-000\): turns\[0\].*finite number"):
+        parse_scores([bad])
+
+    from align2llava.config import parse_section
+    from align2llava.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="select.turn_aggregate"):
+        parse_section({"turn_aggregate": "median"}, "select", SelectParams)

@@ -3,7 +3,9 @@
 For every task type separately (conversation, detail, complex reasoning on LLaVA-Instruct):
 
 1. keep the top `question_keep_ratio` (alpha) of the type's records by question score;
-2. of those, keep the top `keep_ratio` (beta) by answer score.
+2. of those, keep the top `keep_ratio` (beta) by answer score: the mean over turns of each turn's
+   best candidate score (the paper's, `score`'s answer_score), or with `turn_aggregate: min`
+   the worst turn's, so that one wrong turn is not hidden by the good ones around it.
 
 Exact counts: with n scored records of a type, step 1 keeps n_q = round(alpha * n) and step 2
 keeps n_a = round(beta * n_q), rounding half up (0.5 -> 1). Ties are broken by record id, so the
@@ -60,6 +62,9 @@ class SelectParams(Section):
     question_keep_ratio: float = Field(0.3, ge=0.0, le=1.0)
     # beta: share of the question-kept records then kept by answer score.
     keep_ratio: float = Field(0.3, ge=0.0, le=1.0)
+    # The answer score a record is ranked by, from its turns' best candidate scores: mean (the
+    # paper's) or min (its worst turn).
+    turn_aggregate: Literal["mean", "min"] = "mean"
     # Seeds the `random` baseline and the order of equally clean records for `oracle`.
     seed: int = 0
     # Demo diagnostics only: the defect oracle that method `oracle` reads (no other method does).
@@ -92,6 +97,13 @@ class ScoreRow:
     question_score: float
     answer_score: float
     best: list[int]  # per QA turn: index of the best candidate answer
+    turn_scores: list[float] = field(default_factory=list)  # per QA turn: its best candidate's score
+
+    def answer_key(self, aggregate: str) -> float:
+        """The answer score under `aggregate` (mean: the file's answer_score)."""
+        if aggregate == "min" and self.turn_scores:
+            return min(self.turn_scores)
+        return self.answer_score
 
 
 @dataclass
@@ -135,14 +147,18 @@ def parse_scores(rows: list[dict[str, Any]], file: str = "scores.jsonl") -> dict
         turns = row.get("turns")
         if not isinstance(turns, list):
             raise DataError(f"{where}: 'turns' must be a list")
-        best = []
+        best, turn_scores = [], []
         for k, t in enumerate(turns):
             ok = isinstance(t, dict) and isinstance(t.get("scores"), list) and t.get("scores")
             b = t.get("best") if ok else None
             if not ok or not isinstance(b, int) or not 0 <= b < len(t["scores"]):
                 raise DataError(f"{where}: turns[{k}] needs non-empty 'scores' and a valid 'best'")
+            s = t["scores"][b]
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+                raise DataError(f"{where}: turns[{k}]: the best candidate's score must be a finite number (got {s!r})")
             best.append(b)
-        out[rid] = ScoreRow(rid, qs, as_, best)
+            turn_scores.append(float(s))
+        out[rid] = ScoreRow(rid, qs, as_, best, turn_scores)
     return out
 
 
@@ -252,7 +268,7 @@ def select(
 
     if params.method == "reward":
         q_key = {rid: s.question_score for rid, s in scores.items()}
-        a_key = {rid: s.answer_score for rid, s in scores.items()}
+        a_key = {rid: s.answer_key(params.turn_aggregate) for rid, s in scores.items()}
     elif params.method == "length":
         lengths = {rid: _length_scores(records[rid]) for rid in scores}
         q_key = {rid: v[0] for rid, v in lengths.items()}
