@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import random
+import re
 
 import pytest
 import yaml
@@ -312,3 +313,23 @@ def test_last_token_pooling_trains_and_reloads_without_a_token_head(tiny_llava, 
     assert res.model.token_head is None
     rm2, _, meta = load_reward_model(tmp_path / "rm", dtype="float32")
     assert meta["pooling"] == "last" and rm2.token_head is None
+
+
+def test_rm_seeds_benchmark_trains_once_per_seed_and_prints_the_spread(tiny_llava, image_root, tmp_path, monkeypatch):
+    from benchmarks.rm_seeds import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in _pairs(8)))
+    params = {"base": {"seed": 0, "image_root": str(image_root)},
+              "train_reward": {**TINY, "base_model": str(tiny_llava), "layers_to_transform": [-1], "train_projector": False,
+                               "num_train_epochs": 1, "learning_rate": 1.0e-2, "eval_steps": 0}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    res = CliRunner().invoke(main, ["--kind", "answer", "--seeds", "0,3", "--pairs", "pairs.jsonl"])
+    assert res.exit_code == 0, res.output
+    accs = [float(a) for a in re.findall(r"seed \d: answer RM val pairwise accuracy ([\d.]+) on 8 pairs", res.output)]
+    assert len(accs) == 2 and all(0 <= a <= 1 for a in accs)
+    mean = re.search(r"mean ([\d.]+) \+- ([\d.]+) \(sample std, 2 seeds\)", res.output)
+    assert mean and float(mean.group(1)) == pytest.approx(sum(accs) / 2, abs=6e-4)
+    assert not list(tmp_path.glob("models"))  # nothing written next to the project's models
+    res = CliRunner().invoke(main, ["--seeds", "one", "--pairs", "pairs.jsonl"])
+    assert res.exit_code == 2 and "--seeds" in res.output and "Traceback" not in res.output
