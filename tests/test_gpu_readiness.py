@@ -129,5 +129,6 @@ def test_harness_preset_applies_and_loads_strictly(tmp_path):
     assert data["finetune"]["learning_rate"] == 1.0e-3 and data["evaluate"]["likelihood_span"] == "start"
     assert data["synthesize"]["instruct_images"] == 100  # the 100 train images the pool leaves
     assert data["synthesize"]["annotate_fraction"] == 0.04  # near the default demo's 120 annotated records
-    assert len(changes) == 7
+    assert data["select"]["turn_aggregate"] == "min"  # a record ranked by its worst turn
+    assert len(changes) == 8
     check_params(data, params)
