@@ -319,3 +319,29 @@ def test_harness_summary_names_given_runs_by_their_data(tmp_path):
     assert "| given cur.json | 0.09 | 1 | 0.700 |" in out.output
     out = CliRunner().invoke(main, [str(f), "--name", "sel.json"])
     assert out.exit_code != 0 and "expected DATA=METHOD" in out.output and "Traceback" not in out.output
+
+
+def test_wait_for_polls_again_after_a_failed_show_and_gives_up_after_the_retries():
+    from align2llava.ops.experiments import SHOW_RETRIES, wait_for
+
+    done = json.dumps(exp_show_doc([_exp("cmp-random-9-s0", "random", 0.09, 0, 0.5)]))
+    answers = iter([Align2LlavaError("`dvc exp show` failed (exit 1): directory '.dvc/tmp/exps/tmp1/.dvc' does not exist"),
+                    Align2LlavaError("failed again"), done])
+
+    def flaky(cmd):
+        got = next(answers)
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    sleeps = []
+    exps = wait_for({"cmp-random-9-s0"}, runner=flaky, sleep=sleeps.append)
+    assert [e["name"] for e in exps] == ["cmp-random-9-s0"] and len(sleeps) == 2
+
+    def broken(cmd):
+        raise Align2LlavaError("`dvc exp show` failed (exit 1): not a DVC repository")
+
+    sleeps.clear()
+    with pytest.raises(Align2LlavaError, match="not a DVC repository"):
+        wait_for({"cmp-random-9-s0"}, runner=broken, sleep=sleeps.append)
+    assert len(sleeps) == SHOW_RETRIES

@@ -358,13 +358,33 @@ def queue_runs(runs: list[RunSpec], existing: set[str], runner: Runner = run_cmd
     return queued
 
 
+# consecutive failed polls of `dvc exp show` that wait_for lets pass (its docstring)
+SHOW_RETRIES = 5
+
+
 def wait_for(names: set[str], *, runner: Runner = run_cmd, dvc: str = "dvc", rev: str | None = None,
              poll_s: float = 30.0, timeout_s: float | None = None, sleep: Callable[[float], None] = time.sleep) -> list[dict[str, Any]]:
-    """Poll `dvc exp show` until none of `names` is queued or running; returns the experiments."""
+    """Poll `dvc exp show` until none of `names` is queued or running; returns the experiments.
+
+    A poll that fails is tried again at the next one, up to `SHOW_RETRIES` in a row: `dvc exp
+    show` fails now and then while a queue worker sets up or removes a run's temporary folder
+    ("directory '.dvc/tmp/exps/tmp.../.dvc' does not exist"), and the runs go on regardless."""
     start = time.monotonic()
     last = None
+    failures = 0
     while True:
-        exps = [e for e in exp_show(runner, dvc, rev) if e["name"] in names]
+        try:
+            shown = exp_show(runner, dvc, rev)
+        except Align2LlavaError as exc:
+            failures += 1
+            if failures > SHOW_RETRIES:
+                raise
+            log.warning("dvc exp show failed (%d of %d tries in a row), polling again: %s", failures,
+                        SHOW_RETRIES + 1, str(exc).splitlines()[-1])
+            sleep(poll_s)
+            continue
+        failures = 0
+        exps = [e for e in shown if e["name"] in names]
         states = [e["state"] for e in exps]
         pending = sum(s in ("queued", "running") for s in states) + len(names - {e["name"] for e in exps})
         done = sum(s == "success" for s in states)
