@@ -1,7 +1,7 @@
 """DVC stage `diagnose` (demo diagnostics only): how the reward models and the selection did by
 the demo's defect oracle -> metrics/diagnose.json.
 
-    python -m stages.diagnose          # reads params.yaml (base, diagnose)
+    python -m stages.diagnose          # reads params.yaml (base, diagnose, select.turn_aggregate)
 
 Reads diagnose.oracle (data/synthesize/oracle.jsonl), data/score/scores.jsonl, base.pool,
 data/select/selected.json and data/select/audit.jsonl. No method stage reads the oracle; this
@@ -40,14 +40,17 @@ def main(params_file: Path, metrics_dir: Path, verbose: bool, scores: Path, sele
         )
         from align2llava.ops.tracking import stage_run
 
+        from align2llava.steps.selection import SelectParams
+
         base = load_base(params_file)
         params = load_section("diagnose", DiagnoseParams, params_file)
+        aggregate = load_section("select", SelectParams, params_file).turn_aggregate
         oracle = read_oracle(params.oracle)
         rows, pool_ids, selected_ids = read_score_rows(scores), record_ids(base.pool), record_ids(selected)
         audit_rows = read_audit(audit)
-        resolved = {"base": base.model_dump(), "diagnose": params.model_dump()}
+        resolved = {"base": base.model_dump(), "diagnose": params.model_dump(), "select": {"turn_aggregate": aggregate}}
         with stage_run("diagnose", resolved, metrics_dir=metrics_dir) as run:
-            m = diagnose(oracle, rows, pool_ids, selected_ids, audit_rows)
+            m = diagnose(oracle, rows, pool_ids, selected_ids, audit_rows, aggregate)
             run.log_metrics(m)
     if m["pool_without_oracle"]:
         log.warning("%s of %s pool records have no oracle row in %s (left out of the rates)",

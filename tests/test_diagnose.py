@@ -83,6 +83,25 @@ def test_defect_auroc_by_hand(tmp_path):
     assert m == EXPECTED_AUROC  # z (omitted_key_fact) has no score row: no AUROC for it
 
 
+def test_defect_auroc_reads_the_worst_turn_when_select_does(tmp_path, monkeypatch):
+    oracle = read_oracle(jsonl(tmp_path / "o.jsonl", ORACLE))
+    # worst best-candidate turn: clean a 2.0, d 0.0; c -1.0, e -2.0: every clean record above
+    expected = {**EXPECTED_AUROC, "auroc_hallucinated_color": 1.0}
+    assert defect_auroc(score_rows(), oracle, "min") == expected
+    assert defect_auroc(score_rows(), oracle, "mean") == EXPECTED_AUROC
+    # the stage takes the aggregation from select.turn_aggregate
+    from stages.diagnose import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ALIGN2LLAVA_NO_MLFLOW", "1")
+    args = _demo_files(tmp_path)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**params, "select": {"turn_aggregate": "min"}}))
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "metrics/diagnose.json").read_text())["defect_auroc"] == expected
+
+
 def test_defect_auroc_as_the_score_stage_had_it(tmp_path):
     """The case the score stage's test had, same figures."""
     rows = [{"id": str(i), "task": "detail", "question_score": float(i), "answer_score": float(-i),
@@ -139,7 +158,7 @@ def _demo_files(tmp_path):
     jsonl(tmp_path / "audit.jsonl", audit_rows())
     (tmp_path / "selected.json").write_text(json.dumps([llava_record(i) for i in SELECTED]))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"base": {"pool": "pool.json"}, "diagnose": {"oracle": "oracle.jsonl"}}))
+        {"base": {"pool": "pool.json"}, "diagnose": {"oracle": "oracle.jsonl"}, "select": {}}))
     return ["--scores", "scores.jsonl", "--selected", "selected.json", "--audit", "audit.jsonl"]
 
 

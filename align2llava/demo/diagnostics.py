@@ -85,13 +85,15 @@ def clean_flags(oracle: dict[str, dict[str, Any]]) -> dict[str, tuple[bool, bool
             for rid, row in oracle.items()}
 
 
-def defect_auroc(rows: Sequence[dict[str, Any]], oracle: dict[str, dict[str, Any]]) -> dict[str, float]:
+def defect_auroc(rows: Sequence[dict[str, Any]], oracle: dict[str, dict[str, Any]],
+                 aggregate: str = "mean") -> dict[str, float]:
     """How well scores separate clean records from those with each defect type.
 
     `rows`: scores.jsonl rows; those without an oracle row are left out. `auroc_<type>`: AUROC
     of clean records (no defect) over records with that defect, using the question score for
-    question defects and the answer score for answer defects (1.0: every clean record scores
-    above every defective one; 0.5: chance). `auroc_turn_<type>`: the same per turn with the
+    question defects and for answer defects the answer score `select` ranks by under `aggregate`
+    (select.turn_aggregate: mean, the file's answer_score; min, the worst turn's best candidate).
+    1.0: every clean record scores above every defective one; 0.5: chance. `auroc_turn_<type>`: the same per turn with the
     best candidate's answer score, clean turns of clean records against the turns carrying the
     defect. Types without a defective or a clean record are left out.
     """
@@ -100,10 +102,16 @@ def defect_auroc(rows: Sequence[dict[str, Any]], oracle: dict[str, dict[str, Any
     clean = [r for r in scored if not oracle[str(r["id"])]["defects"]]
     good_turns = [tt["scores"][tt["best"]] for r in clean for tt in r["turns"]]
     out: dict[str, float] = {}
+    def key(r: dict[str, Any], t: str) -> float:
+        if t in QUESTION_DEFECTS:
+            return r["question_score"]
+        if aggregate == "min" and r["turns"]:
+            return min(tt["scores"][tt["best"]] for tt in r["turns"])
+        return r["answer_score"]
+
     for t in types:
-        key = "question_score" if t in QUESTION_DEFECTS else "answer_score"
-        bad = [r[key] for r in scored if t in oracle[str(r["id"])]["defects"]]
-        out[f"auroc_{t}"] = round(auroc([r[key] for r in clean], bad), 4)
+        bad = [key(r, t) for r in scored if t in oracle[str(r["id"])]["defects"]]
+        out[f"auroc_{t}"] = round(auroc([key(r, t) for r in clean], bad), 4)
         bad_turns = [tt["scores"][tt["best"]] for r in scored for tt in r["turns"]
                      if t in oracle[str(r["id"])]["turn_defects"].get(str(tt["turn"]), [])]
         if bad_turns:
@@ -160,10 +168,11 @@ def defect_rates(ids: Iterable[str], oracle: dict[str, dict[str, Any]]) -> dict[
 
 
 def diagnose(oracle: dict[str, dict[str, Any]], scores: Sequence[dict[str, Any]], pool_ids: Sequence[str],
-             selected_ids: Sequence[str], audit: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """metrics/diagnose.json: defect AUROC of the scores and oracle defect rates of the pool,
-    the question step's survivors and the selected set. Records without an oracle row are
-    counted (`*_without_oracle`) and left out of the rates."""
+             selected_ids: Sequence[str], audit: Sequence[dict[str, Any]], aggregate: str = "mean") -> dict[str, Any]:
+    """metrics/diagnose.json: defect AUROC of the scores (record answer scores as `select`
+    aggregates them, `aggregate`) and oracle defect rates of the pool, the question step's
+    survivors and the selected set. Records without an oracle row are counted
+    (`*_without_oracle`) and left out of the rates."""
     survived = [str(r["id"]) for r in audit if r["kept"] or r["dropped_at"] == "answer"]
     sets = {"pool": list(pool_ids), "question_kept": survived, "selected": list(selected_ids)}
     known = {name: [i for i in ids if i in oracle] for name, ids in sets.items()}
@@ -174,7 +183,7 @@ def diagnose(oracle: dict[str, dict[str, Any]], scores: Sequence[dict[str, Any]]
         "question_kept": len(sets["question_kept"]),
         "selected": len(sets["selected"]),
         "selected_without_oracle": len(sets["selected"]) - len(known["selected"]),
-        "defect_auroc": defect_auroc(scores, oracle),
+        "defect_auroc": defect_auroc(scores, oracle, aggregate),
         "defect_rates": {name: {k: round(v, 4) for k, v in defect_rates(ids, oracle).items()}
                          for name, ids in known.items()},
     }
