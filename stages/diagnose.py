@@ -39,7 +39,6 @@ def main(params_file: Path, metrics_dir: Path, verbose: bool, scores: Path, sele
             record_ids,
         )
         from align2llava.ops.tracking import stage_run
-
         from align2llava.steps.selection import SelectParams
 
         base = load_base(params_file)

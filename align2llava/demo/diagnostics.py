@@ -25,6 +25,7 @@ from align2llava.config import Section
 from align2llava.demo.synthesis.params import QUESTION_DEFECTS
 from align2llava.errors import DataError
 from align2llava.steps.evaluation.ranking import auroc
+from align2llava.steps.selection import parse_scores
 
 
 class DiagnoseParams(Section):
@@ -92,23 +93,21 @@ def defect_auroc(rows: Sequence[dict[str, Any]], oracle: dict[str, dict[str, Any
     `rows`: scores.jsonl rows; those without an oracle row are left out. `auroc_<type>`: AUROC
     of clean records (no defect) over records with that defect, using the question score for
     question defects and for answer defects the answer score `select` ranks by under `aggregate`
-    (select.turn_aggregate: mean, the file's answer_score; min, the worst turn's best candidate).
-    1.0: every clean record scores above every defective one; 0.5: chance. `auroc_turn_<type>`: the same per turn with the
-    best candidate's answer score, clean turns of clean records against the turns carrying the
-    defect. Types without a defective or a clean record are left out.
+    (select.turn_aggregate; `ScoreRow.answer_key`). 1.0: every clean record scores above every
+    defective one; 0.5: chance. `auroc_turn_<type>`: the same per turn with the best candidate's
+    answer score, clean turns of clean records against the turns carrying the defect. Types
+    without a defective or a clean record are left out.
     """
     scored = [r for r in rows if str(r["id"]) in oracle]
     types = sorted({t for r in scored for t in oracle[str(r["id"])]["defects"]})
     clean = [r for r in scored if not oracle[str(r["id"])]["defects"]]
     good_turns = [tt["scores"][tt["best"]] for r in clean for tt in r["turns"]]
-    out: dict[str, float] = {}
-    def key(r: dict[str, Any], t: str) -> float:
-        if t in QUESTION_DEFECTS:
-            return r["question_score"]
-        if aggregate == "min" and r["turns"]:
-            return min(tt["scores"][tt["best"]] for tt in r["turns"])
-        return r["answer_score"]
+    answer_key = {rid: row.answer_key(aggregate) for rid, row in parse_scores(list(scored)).items()}
 
+    def key(r: dict[str, Any], t: str) -> float:
+        return r["question_score"] if t in QUESTION_DEFECTS else answer_key[str(r["id"])]
+
+    out: dict[str, float] = {}
     for t in types:
         bad = [key(r, t) for r in scored if t in oracle[str(r["id"])]["defects"]]
         out[f"auroc_{t}"] = round(auroc([key(r, t) for r in clean], bad), 4)
@@ -133,7 +132,6 @@ def record_ids(path: str | Path) -> list[str]:
 def read_score_rows(path: str | Path) -> list[dict[str, Any]]:
     """data/score/scores.jsonl rows, checked as strictly as `select` checks them."""
     from align2llava.data.io import read_jsonl_strict
-    from align2llava.steps.selection import parse_scores
 
     rows = read_jsonl_strict(path)
     parse_scores(rows, str(path))
