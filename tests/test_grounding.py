@@ -113,6 +113,61 @@ def test_answer_rm_with_grounding_saves_its_weight_and_scores_with_it(feature, t
         load_grounding(tmp_path / "answer", bad)
 
 
+def test_smallest_scales_the_affirmed_reading_only():
+    from align2llava.steps.grounding import smallest
+
+    readings = [(None, None), (-0.5, None), (None, -0.5), (1.0, -0.2), (-1.0, 0.3)]
+    assert smallest(readings) == [0.0, -0.5, -0.5, -0.2, -1.0]
+    assert smallest(readings, 4.0) == [0.0, -0.5, -2.0, -0.8, -1.0]
+
+
+def test_fit_affirmed_scale_puts_the_affirmed_reading_on_the_own_words_scale():
+    from align2llava.steps.grounding import SCALE_GRID, fit_affirmed_scale, smallest
+
+    # the own words' margins separate their pairs at about 1; the affirmed words' (answers with no
+    # own word) at about 0.25 and a few wrong, so they count for as much at a scale near 4
+    chosen = [(1.0, None), (0.8, None), (1.2, None), (-0.1, None), (None, 0.25), (None, 0.3), (None, 0.2), (None, -0.05)]
+    rejected = [(-1.0, None), (-1.1, None), (-0.9, None), (0.1, None), (None, -0.25), (None, -0.2), (None, -0.3), (None, 0.05)]
+    scale, weight = fit_affirmed_scale(chosen, rejected)
+    assert 2.0 <= scale <= 8.0 and scale in SCALE_GRID and weight > 0
+    assert weight == fit_weight(smallest(chosen, scale), smallest(rejected, scale))
+    # nothing affirmed: every scale fits alike, and the tie goes to 1
+    own_only = [(o, None) for o, _ in chosen[:4]], [(o, None) for o, _ in rejected[:4]]
+    assert fit_affirmed_scale(*own_only)[0] == 1.0
+    with pytest.raises(ValueError, match="empty grid"):
+        fit_affirmed_scale(chosen, rejected, grid=[])
+
+
+def test_answer_rm_fits_and_saves_the_affirmed_scale(tiny_llava, image_root, tmp_path):
+    from pydantic import ValidationError
+
+    from align2llava.errors import DataError
+
+    params = TrainRewardParams(**TINY, layers_to_transform=[-1], num_train_epochs=1, grounding="word_margin",
+                               grounding_words=WORDS, grounding_affirmed_scale=None)
+    pairs = _pairs(8)
+    for p in pairs[::2]:  # yes/no answers too, so that some affirm their question's words
+        if p["kind"] == "answer":
+            p.update(prompt="Is the red shape a circle?", chosen="Yes.", rejected="No, it is blue.")
+    train_reward_model("answer", pairs, tiny_llava, params, image_root=image_root, seed=0, out_dir=tmp_path / "a")
+    meta = read_reward_config(tmp_path / "a")
+    entry = meta["grounding"]
+    assert entry["affirmed_scale_fitted"] is True and entry["affirmed_scale"] > 0
+    ground = load_grounding(tmp_path / "a", meta, image_root=image_root, dtype="float32")
+    assert ground.affirmed_scale == entry["affirmed_scale"] and ground.weight == entry["weight"]
+    # a scale given as 1 (the default) leaves the entry as it was before the key existed
+    params = TrainRewardParams(**TINY, layers_to_transform=[-1], num_train_epochs=1, grounding="word_margin",
+                               grounding_words=WORDS)
+    train_reward_model("answer", pairs, tiny_llava, params, image_root=image_root, seed=0, out_dir=tmp_path / "b")
+    assert "affirmed_scale" not in read_reward_config(tmp_path / "b")["grounding"]
+    # the scale is word_margin's; a config with a scale that is not positive is a one-line error
+    with pytest.raises(ValidationError, match="grounding_affirmed_scale"):
+        TrainRewardParams(**TINY, grounding="image_pmi", grounding_affirmed_scale=2.0)
+    bad = {**meta, "grounding": {**entry, "affirmed_scale": 0}}
+    with pytest.raises(DataError, match="reward_config.json: grounding .*positive affirmed_scale"):
+        load_grounding(tmp_path / "a", bad)
+
+
 def test_without_grounding_nothing_changes(tiny_llava, image_root, tmp_path):
     params = TrainRewardParams(**TINY, layers_to_transform=[-1], num_train_epochs=1, grounding="none")
     train_reward_model("answer", _pairs(8), tiny_llava, params, image_root=image_root, seed=0, out_dir=tmp_path / "a")
@@ -229,12 +284,22 @@ def test_word_margin_of_a_yes_counts_the_affirmed_words(tiny_llava, image_root):
     rows = _reference_rows(ground.model, ground.processor, image_root, "a.png", q, "Yes, it is blue.")
     [(step, ids)] = word_sites(ground.processor, q, "Yes, it is blue.", WORDS)[1]
     own = rows[step, ids[0]].item() - max(rows[step, t].item() for t in ids[1:])
-    got = ground.raw([("a.png", q, "Yes."), ("a.png", q, "Yes, it is blue."), ("a.png", q, "No."),
-                      (None, q, "Yes.")])
+    four = [("a.png", q, "Yes."), ("a.png", q, "Yes, it is blue."), ("a.png", q, "No."), (None, q, "Yes.")]
+    got = ground.raw(four)
     assert red != circle
     assert got[0] == pytest.approx(min(red, circle), abs=1e-4)
     assert got[1] == pytest.approx(min(red, circle, own), abs=1e-4)
     assert got[2] == 0.0 and got[3] == 0.0   # a no names no word and affirms none; no image: no reading
+    # the two readings apart: the own words' and the affirmed words' smallest margins, None: none read
+    readings = ground.readings(four)
+    assert readings[0][0] is None and readings[0][1] == pytest.approx(min(red, circle), abs=1e-4)
+    assert readings[1][0] == pytest.approx(own, abs=1e-4) and readings[1][1] == readings[0][1]
+    assert readings[2] == (None, None) and readings[3] == (None, None)
+    # affirmed_scale multiplies the affirmed reading before the smallest is taken
+    ground.affirmed_scale = 3.0
+    assert ground.raw(four) == pytest.approx([3 * min(red, circle), min(3 * min(red, circle), own), 0.0, 0.0],
+                                             abs=1e-4)
+    ground.affirmed_scale = 1.0
     # one reading per image serves every answer about it; alone, each scores the same
     more = [("b.png", q, "Yes."), ("a.png", "Is it green?", "yes"), ("b.png", "Is it a square?", "Yes.")]
     together = ground.raw(more + [("a.png", q, "Yes.")])

@@ -40,11 +40,15 @@ article, for all its answers' words), and counts in the smallest margin. The bas
 first reply token (log p(Yes) - log p(No)) ranks present over absent words at chance (AUROC
 0.52), while this reading of the same words ranks them at 0.98 (`benchmarks.presence_probe`).
 A "no" denies the question as a whole ("Is the blue shape a circle?" "No."), not each of its
-words, so it affirms nothing.
+words, so it affirms nothing. The neutral statement is another context than the answer's own, so
+its margins need not be on the same scale: `affirmed_scale` multiplies them before the smallest
+is taken (1: as read; `fit_affirmed_scale` fits it with the weight).
 
 `fit_weight` chooses the term's weight on the training pairs before the RM head is trained
 (a one-parameter Bradley-Terry fit), and the head is then trained on top of it (the term is a
-fixed offset in its loss), so it learns what the term does not explain.
+fixed offset in its loss), so it learns what the term does not explain. `fit_affirmed_scale`
+chooses the affirmed words' scale and the weight together (the weight's fit at each scale of a
+grid, the most likely pair).
 
 The log-probabilities are evaluate's likelihood scorer's (float32 from the final hidden states);
 the batches are sorted by length and fixed by the input, so a shard scores the same whichever
@@ -74,7 +78,11 @@ AFFIRM_REPLY = "The image shows {a} {word}"
 _CLAUSE_END = re.compile(r"[,.;:!?()]")
 _WORD = re.compile(r"[A-Za-z]+(?:'[A-Za-z]+)?")
 
+# fit_affirmed_scale's grid: 2^(k/4) for k = -12..12 (1/8 to 8)
+SCALE_GRID = tuple(2.0 ** (k / 4) for k in range(-12, 13))
+
 Triple = tuple[str | None, str, str]  # (image, question, answer)
+Reading = tuple[float | None, float | None]  # (own words' smallest margin, affirmed words'), None: none read
 
 
 class Grounding:
@@ -82,16 +90,19 @@ class Grounding:
 
     def __init__(self, model: Any, processor: Any, *, feature: str = "image_pmi", weight: float = 1.0,
                  words: Mapping[str, Sequence[str]] | None = None, image_root: str | Path | None = None,
-                 batch_size: int = 16):
+                 batch_size: int = 16, affirmed_scale: float = 1.0):
         from align2llava.steps.evaluation.likelihood import _Scorer
 
         if feature not in FEATURES[1:]:
             raise ValueError(f"grounding feature {feature!r}: one of {', '.join(FEATURES[1:])}")
+        if not (math.isfinite(affirmed_scale) and affirmed_scale > 0):
+            raise ValueError(f"grounding affirmed_scale {affirmed_scale!r}: a positive number")
         self.words = check_words(words or {}) if feature == "word_margin" else {}
         self._group_of = {w: g for g, ws in self.words.items() for w in ws}
         self._statements: dict[str, tuple[list[int], int, dict[str, int], list[int]]] = {}
         self.model, self.processor, self.feature = model, processor, feature
         self.weight, self.image_root, self.batch_size = float(weight), image_root, batch_size
+        self.affirmed_scale = float(affirmed_scale)
         self.scorer = _Scorer(model, processor)
         # forward passes per answer (the meter's unit): with and without the image, or one
         self.passes = 2 if feature == "image_pmi" else 1
@@ -99,7 +110,8 @@ class Grounding:
     @classmethod
     def load(cls, base_model: str | Path, *, feature: str = "image_pmi", weight: float = 1.0,
              words: Mapping[str, Sequence[str]] | None = None, image_root: str | Path | None = None,
-             dtype: str = "auto", device: Any = "cpu", batch_size: int = 16) -> "Grounding":
+             dtype: str = "auto", device: Any = "cpu", batch_size: int = 16,
+             affirmed_scale: float = 1.0) -> "Grounding":
         from align2llava.models.loading import load_mllm
         from align2llava.models.precision import resolve
 
@@ -109,7 +121,7 @@ class Grounding:
         model.requires_grad_(False)
         model.to(device).eval()
         return cls(model, processor, feature=feature, weight=weight, words=words, image_root=image_root,
-                   batch_size=batch_size)
+                   batch_size=batch_size, affirmed_scale=affirmed_scale)
 
     def __call__(self, items: Sequence[Triple], meter: Any = None) -> list[float]:
         """weight x `raw`."""
@@ -119,7 +131,7 @@ class Grounding:
         """The feature of each (image, question, answer); 0.0 without an image. `meter` (a
         Progress) counts `passes` per item."""
         if self.feature == "word_margin":
-            return self._word_margin(items, meter)
+            return smallest(self.readings(items, meter), self.affirmed_scale)
         return self._image_pmi(items, meter)
 
     def _image_pmi(self, items: Sequence[Triple], meter: Any = None) -> list[float]:
@@ -147,19 +159,21 @@ class Grounding:
             meter.update(2 * (len(items) - len(rows)))
         return out
 
-    def _word_margin(self, items: Sequence[Triple], meter: Any = None) -> list[float]:
-        """The smallest margin of each answer's group words and of those its "yes" affirms
-        (module doc); one pass per answer that has an image and names one, and one per image
-        (and article) for the affirmed words of all its answers."""
-        out = [0.0] * len(items)
-        affirmed = {i: affirmed_words(q, a, self.words) for i, (image, q, a) in enumerate(items) if image is not None}
-        read = self._affirmed({(items[i][0], w) for i, ws in affirmed.items() for w in ws})
-        has_read = set()  # the items with a margin already (an affirmed word that could be read)
-        for i, ws in affirmed.items():
+    def readings(self, items: Sequence[Triple], meter: Any = None) -> list[Reading]:
+        """word_margin's two readings of each (image, question, answer): the smallest margin of
+        the group words the answer states and that of those its "yes" affirms (module doc), None
+        where there is none; one pass per answer that has an image and names a group word, and
+        one per image (and article) for the affirmed words of all its answers."""
+        if self.feature != "word_margin":
+            raise ValueError(f"grounding feature {self.feature!r} has no word readings")
+        affirmed: list[float | None] = [None] * len(items)
+        wanted = {i: affirmed_words(q, a, self.words) for i, (image, q, a) in enumerate(items) if image is not None}
+        read = self._affirmed({(items[i][0], w) for i, ws in wanted.items() for w in ws})
+        for i, ws in wanted.items():
             margins = [read[(items[i][0], w)] for w in ws if (items[i][0], w) in read]
             if margins:
-                out[i] = min(margins)
-                has_read.add(i)
+                affirmed[i] = min(margins)
+        own: list[float | None] = [None] * len(items)
         rows = []
         for i, (image, q, a) in enumerate(items):
             if image is not None:
@@ -173,13 +187,12 @@ class Grounding:
             got = self.scorer.at_steps(batch, [r[1] for r in chunk], [r[2] for r in chunk],
                                        image_root=self.image_root, instruction="")
             for (i, *_), sites in zip(chunk, got):
-                own = min(lp[0] - max(lp[1:]) for lp in sites)
-                out[i] = min(own, out[i]) if i in has_read else own
+                own[i] = min(lp[0] - max(lp[1:]) for lp in sites)
             if meter is not None:
                 meter.update(len(chunk), tok=sum(len(r[1]) for r in chunk))
         if meter is not None:
             meter.update(len(items) - len(rows))
-        return out
+        return list(zip(own, affirmed))
 
     def _affirmed(self, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], float]:
         """{(image, word): the word's margin as the next word of AFFIRM_REPLY}: one pass per
@@ -299,6 +312,16 @@ def affirmed_words(question: str, answer: str, words: Mapping[str, Sequence[str]
     return list(dict.fromkeys(m.group().lower() for m in stated_words(question, words)))
 
 
+def smallest(readings: Sequence[Reading], affirmed_scale: float = 1.0) -> list[float]:
+    """word_margin's feature from its readings: the smaller of the own words' margin and
+    `affirmed_scale` x the affirmed words' (of those read), 0.0 when neither was read."""
+    out = []
+    for own, affirmed in readings:
+        present = [m for m in (own, None if affirmed is None else affirmed_scale * affirmed) if m is not None]
+        out.append(min(present) if present else 0.0)
+    return out
+
+
 def _article(word: str) -> str:
     return "an" if word[:1] in "aeiou" else "a"
 
@@ -333,9 +356,11 @@ def load_grounding(path: str | Path, meta: dict[str, Any], *, backbone: str | Pa
     if not entry or entry.get("feature", "none") == "none":
         return None
     feature = entry.get("feature")
-    if feature not in FEATURES or not isinstance(entry.get("weight"), (int, float)):
+    scale = entry.get("affirmed_scale", 1.0)
+    if feature not in FEATURES or not isinstance(entry.get("weight"), (int, float)) \
+            or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
         raise DataError(f"{Path(path) / CONFIG_FILE}: grounding {entry!r} is not one this version reads "
-                        f"(feature one of {', '.join(FEATURES[1:])}, a numeric weight)")
+                        f"(feature one of {', '.join(FEATURES[1:])}, a numeric weight, a positive affirmed_scale)")
     words = entry.get("words") if feature == "word_margin" else None
     if feature == "word_margin":
         try:
@@ -344,7 +369,7 @@ def load_grounding(path: str | Path, meta: dict[str, Any], *, backbone: str | Pa
             raise DataError(f"{Path(path) / CONFIG_FILE}: grounding: {exc}") from None
     base = resolve_backbone(Path(path), meta, backbone)
     return Grounding.load(base, feature=feature, weight=float(entry["weight"]), words=words, image_root=image_root,
-                          dtype=dtype, device=device, batch_size=batch_size)
+                          dtype=dtype, device=device, batch_size=batch_size, affirmed_scale=float(scale))
 
 
 def fit_weight(chosen: Sequence[float], rejected: Sequence[float], *, max_weight: float = 100.0) -> float:
@@ -367,3 +392,23 @@ def fit_weight(chosen: Sequence[float], rejected: Sequence[float], *, max_weight
         if abs(step) < 1e-6 * max(1.0, w):
             break
     return w
+
+
+def fit_affirmed_scale(chosen: Sequence[Reading], rejected: Sequence[Reading], *,
+                       grid: Sequence[float] = SCALE_GRID, max_weight: float = 100.0) -> tuple[float, float]:
+    """(affirmed_scale, weight): at each scale of `grid`, `fit_weight` on the pairs' `smallest`
+    features; the pair of the highest Bradley-Terry log-likelihood (on a tie, the scale nearest 1)."""
+    best: tuple[float, float, float] | None = None  # (log-likelihood, scale, weight)
+    for scale in sorted(grid, key=lambda g: (abs(math.log(g)), g)):
+        c, r = smallest(chosen, scale), smallest(rejected, scale)
+        w = fit_weight(c, r, max_weight=max_weight)
+        ll = sum(_log_sigmoid(w * (a - b)) for a, b in zip(c, r))
+        if best is None or ll > best[0] + 1e-9:
+            best = (ll, scale, w)
+    if best is None:
+        raise ValueError("fit_affirmed_scale: an empty grid")
+    return best[1], best[2]
+
+
+def _log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))

@@ -71,6 +71,10 @@ class TrainRewardParams(Section):
     # on the training pairs first, and the head learns the rest on top.
     grounding: Literal["none", "image_pmi", "word_margin"] = "word_margin"  # paper: none
     grounding_weight: float | None = Field(None, ge=0.0)
+    # word_margin only: the words a "yes" affirms are read in a neutral statement, not in the
+    # answer, so their margins are multiplied by this before the smallest is taken (1: as read);
+    # null: fitted with the weight on the training pairs (a grid of 1/8 to 8).
+    grounding_affirmed_scale: float | None = Field(1.0, gt=0.0)
     # word_margin's groups of words of which an image shows one (the demo world's colours and shapes).
     grounding_words: dict[str, list[str]] = {
         "color": ["red", "green", "blue", "yellow", "black", "gray", "teal", "brown"],
@@ -91,6 +95,8 @@ class TrainRewardParams(Section):
             from align2llava.steps.grounding import check_words
 
             check_words(self.grounding_words)
+        elif self.grounding_affirmed_scale != 1.0:
+            raise ValueError(f"grounding_affirmed_scale: word_margin's (grounding is {self.grounding})")
         return self
 
 
@@ -273,34 +279,45 @@ def _rewards_of(rm: Any, data: _PairData, cache: list[Any] | None, encoder: Enco
 
 def _grounding_offsets(base_model: str | Path, params: TrainRewardParams, train: _PairData, val: _PairData,
                        image_root: str | Path | None, device: Any) -> tuple[dict[str, Any], Any, Any]:
-    """The grounding term of every training and validation text, its weight (given, or fitted
-    on the training pairs) and the reward_config.json entry."""
+    """The grounding term of every training and validation text, its weight (and word_margin's
+    affirmed_scale; each given, or fitted on the training pairs) and the reward_config.json entry."""
     import torch
 
-    from align2llava.steps.grounding import Grounding, fit_weight
+    from align2llava.steps.grounding import Grounding, fit_affirmed_scale, fit_weight, smallest
 
     t0 = time.time()
     ground = Grounding.load(base_model, feature=params.grounding, words=params.grounding_words or None,
                             image_root=image_root, dtype=params.dtype, device=device,
                             batch_size=params.per_device_eval_batch_size)
+    word_margin = params.grounding == "word_margin"
+    read = ground.readings if word_margin else ground.raw
     with Progress(ground.passes * (len(train.triples) + len(val.triples)), "answer grounding", "passes", log) as meter:
-        g_train = ground.raw(train.triples, meter)
-        g_val = ground.raw(val.triples, meter) if val.triples else []
+        g_train = read(train.triples, meter)
+        g_val = read(val.triples, meter) if val.triples else []
     ground_words = ground.words
     del ground
-    weight = params.grounding_weight
-    fitted = weight is None
+    weight, scale = params.grounding_weight, params.grounding_affirmed_scale
+    fitted, scale_fitted = weight is None, scale is None
+    if scale is None:
+        chosen, rejected = [g_train[c] for c, _ in train.pairs], [g_train[r] for _, r in train.pairs]
+        scale, best = fit_affirmed_scale(chosen, rejected)
+        weight = best if weight is None else weight
+    if word_margin:
+        g_train, g_val = smallest(g_train, scale), smallest(g_val, scale)
     if weight is None:
         weight = fit_weight([g_train[c] for c, _ in train.pairs], [g_train[r] for _, r in train.pairs])
     acc = pairwise_accuracy([g_train[c] for c, _ in train.pairs], [g_train[r] for _, r in train.pairs])
     val_acc = pairwise_accuracy([g_val[c] for c, _ in val.pairs], [g_val[r] for _, r in val.pairs]) if val.pairs else None
-    log.info("answer RM: grounding %s, weight %.3f (%s); alone it orders %.3f of the training pairs%s, in %.0f s",
-             params.grounding, weight, "fitted on the training pairs" if fitted else "given", acc,
+    log.info("answer RM: grounding %s, weight %.3f (%s)%s; alone it orders %.3f of the training pairs%s, in %.0f s",
+             params.grounding, weight, "fitted on the training pairs" if fitted else "given",
+             f", affirmed words x {scale:.3f} ({'fitted' if scale_fitted else 'given'})" if word_margin else "", acc,
              f" and {val_acc:.3f} of the validation pairs" if val_acc is not None else "", time.time() - t0)
     entry = {"feature": params.grounding, "weight": weight, "fitted": fitted,
              "train_pair_accuracy": acc, "val_pair_accuracy": val_acc}
-    if params.grounding == "word_margin":
+    if word_margin:
         entry["words"] = ground_words
+        if scale != 1.0 or scale_fitted:  # 1, given, is what a reader assumes without the key
+            entry.update(affirmed_scale=scale, affirmed_scale_fitted=scale_fitted)
     as_tensor = lambda g: torch.tensor([weight * x for x in g], dtype=torch.float32)  # noqa: E731
     return entry, as_tensor(g_train), as_tensor(g_val) if g_val else None
 
