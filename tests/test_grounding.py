@@ -126,8 +126,10 @@ def test_fit_affirmed_scale_puts_the_affirmed_reading_on_the_own_words_scale():
 
     # the own words' margins separate their pairs at about 1; the affirmed words' (answers with no
     # own word) at about 0.25 and a few wrong, so they count for as much at a scale near 4
-    chosen = [(1.0, None), (0.8, None), (1.2, None), (-0.1, None), (None, 0.25), (None, 0.3), (None, 0.2), (None, -0.05)]
-    rejected = [(-1.0, None), (-1.1, None), (-0.9, None), (0.1, None), (None, -0.25), (None, -0.2), (None, -0.3), (None, 0.05)]
+    chosen = [(1.0, None), (0.8, None), (1.2, None), (-0.1, None),
+              (None, 0.25), (None, 0.3), (None, 0.2), (None, -0.05)]
+    rejected = [(-1.0, None), (-1.1, None), (-0.9, None), (0.1, None),
+                (None, -0.25), (None, -0.2), (None, -0.3), (None, 0.05)]
     scale, weight = fit_affirmed_scale(chosen, rejected)
     assert 2.0 <= scale <= 8.0 and scale in SCALE_GRID and weight > 0
     assert weight == fit_weight(smallest(chosen, scale), smallest(rejected, scale))

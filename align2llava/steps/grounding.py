@@ -36,9 +36,10 @@ answer RM 0.870 against 0.725 without the term.
 An answer that begins with "yes" also affirms the group words its question states ("Is there a
 red shape?" "Yes."), words it need not repeat. Each is read the same way in a neutral statement,
 the reply "The image shows a red" to "What is in the image?" (one short pass per image and
-article, for all its answers' words), and counts in the smallest margin. The base cannot be asked the question itself: on the demo its
-first reply token (log p(Yes) - log p(No)) ranks present over absent words at chance (AUROC
-0.52), while this reading of the same words ranks them at 0.98 (`benchmarks.presence_probe`).
+article, for all its answers' words), and counts in the smallest margin. The base cannot be
+asked the question itself: on the demo its first reply token (log p(Yes) - log p(No)) ranks
+present over absent words at chance (AUROC 0.52), while this reading of the same words ranks
+them at 0.98 (`benchmarks.presence_probe`).
 A "no" denies the question as a whole ("Is the blue shape a circle?" "No."), not each of its
 words, so it affirms nothing. The neutral statement is another context than the answer's own, so
 its margins need not be on the same scale: `affirmed_scale` multiplies them before the smallest

@@ -141,7 +141,8 @@ def build_reward_model(
     if is_cpu(device):
         # CPU: eager attention backpropagates through bf16 matmuls, several times faster than
         # the CPU SDPA kernel's backward
-        (backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone).set_attn_implementation("eager")
+        llm = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+        llm.set_attn_implementation("eager")
     text_start = 0
     if params.pooling != "last":  # the image's tokens (and BOS, the newline after it) are not text
         text_start = len(Encoder(processor, params.max_length).ids("", True))
@@ -307,10 +308,11 @@ def _grounding_offsets(base_model: str | Path, params: TrainRewardParams, train:
     if weight is None:
         weight = fit_weight([g_train[c] for c, _ in train.pairs], [g_train[r] for _, r in train.pairs])
     acc = pairwise_accuracy([g_train[c] for c, _ in train.pairs], [g_train[r] for _, r in train.pairs])
-    val_acc = pairwise_accuracy([g_val[c] for c, _ in val.pairs], [g_val[r] for _, r in val.pairs]) if val.pairs else None
+    val_acc = (pairwise_accuracy([g_val[c] for c, _ in val.pairs], [g_val[r] for _, r in val.pairs])
+               if val.pairs else None)
+    affirmed = f", affirmed words x {scale:.3f} ({'fitted' if scale_fitted else 'given'})" if word_margin else ""
     log.info("answer RM: grounding %s, weight %.3f (%s)%s; alone it orders %.3f of the training pairs%s, in %.0f s",
-             params.grounding, weight, "fitted on the training pairs" if fitted else "given",
-             f", affirmed words x {scale:.3f} ({'fitted' if scale_fitted else 'given'})" if word_margin else "", acc,
+             params.grounding, weight, "fitted on the training pairs" if fitted else "given", affirmed, acc,
              f" and {val_acc:.3f} of the validation pairs" if val_acc is not None else "", time.time() - t0)
     entry = {"feature": params.grounding, "weight": weight, "fitted": fitted,
              "train_pair_accuracy": acc, "val_pair_accuracy": val_acc}
@@ -387,8 +389,9 @@ def train_reward_model(
                                                                  image_root, device)
     train_cache = val_cache = None
     if rm.start_layer is not None:
-        train_cache = _cache_prefix(rm, encoder, train_data, params.per_device_eval_batch_size, device, f"{kind} prefix")
-        val_cache = _cache_prefix(rm, encoder, val_data, params.per_device_eval_batch_size, device, f"{kind} val prefix") if val else None
+        eval_batch = params.per_device_eval_batch_size
+        train_cache = _cache_prefix(rm, encoder, train_data, eval_batch, device, f"{kind} prefix")
+        val_cache = _cache_prefix(rm, encoder, val_data, eval_batch, device, f"{kind} val prefix") if val else None
 
     head = [p for n, p in trainable_parameters(rm) if "multi_modal_projector" not in n]
     proj = [p for n, p in trainable_parameters(rm) if "multi_modal_projector" in n]
