@@ -157,14 +157,16 @@ def test_answer_rm_fits_and_saves_the_affirmed_scale(tiny_llava, image_root, tmp
     assert entry["affirmed_scale_fitted"] is True and entry["affirmed_scale"] > 0
     ground = load_grounding(tmp_path / "a", meta, image_root=image_root, dtype="float32")
     assert ground.affirmed_scale == entry["affirmed_scale"] and ground.weight == entry["weight"]
-    # a scale given as 1 (the default) leaves the entry as it was before the key existed
+    # a scale given as 1 leaves the entry as it was before the key existed
     params = TrainRewardParams(**TINY, layers_to_transform=[-1], num_train_epochs=1, grounding="word_margin",
-                               grounding_words=WORDS)
+                               grounding_words=WORDS, grounding_affirmed_scale=1.0)
     train_reward_model("answer", pairs, tiny_llava, params, image_root=image_root, seed=0, out_dir=tmp_path / "b")
     assert "affirmed_scale" not in read_reward_config(tmp_path / "b")["grounding"]
-    # the scale is word_margin's; a config with a scale that is not positive is a one-line error
+    # the scale is word_margin's (null, the default, is ignored by the others); a config with a
+    # scale that is not positive is a one-line error
     with pytest.raises(ValidationError, match="grounding_affirmed_scale"):
         TrainRewardParams(**TINY, grounding="image_pmi", grounding_affirmed_scale=2.0)
+    assert TrainRewardParams(**TINY, grounding="none").grounding_affirmed_scale is None
     bad = {**meta, "grounding": {**entry, "affirmed_scale": 0}}
     with pytest.raises(DataError, match="reward_config.json: grounding .*positive affirmed_scale"):
         load_grounding(tmp_path / "a", bad)

@@ -74,7 +74,7 @@ class TrainRewardParams(Section):
     # word_margin only: the words a "yes" affirms are read in a neutral statement, not in the
     # answer, so their margins are multiplied by this before the smallest is taken (1: as read);
     # null: fitted with the weight on the training pairs (a grid of 1/8 to 8).
-    grounding_affirmed_scale: float | None = Field(1.0, gt=0.0)
+    grounding_affirmed_scale: float | None = Field(None, gt=0.0)
     # word_margin's groups of words of which an image shows one (the demo world's colours and shapes).
     grounding_words: dict[str, list[str]] = {
         "color": ["red", "green", "blue", "yellow", "black", "gray", "teal", "brown"],
@@ -95,7 +95,7 @@ class TrainRewardParams(Section):
             from align2llava.steps.grounding import check_words
 
             check_words(self.grounding_words)
-        elif self.grounding_affirmed_scale != 1.0:
+        elif self.grounding_affirmed_scale not in (None, 1.0):
             raise ValueError(f"grounding_affirmed_scale: word_margin's (grounding is {self.grounding})")
         return self
 
@@ -298,8 +298,8 @@ def _grounding_offsets(base_model: str | Path, params: TrainRewardParams, train:
     ground_words = ground.words
     del ground
     weight, scale = params.grounding_weight, params.grounding_affirmed_scale
-    fitted, scale_fitted = weight is None, scale is None
-    if scale is None:
+    fitted, scale_fitted = weight is None, word_margin and scale is None
+    if scale_fitted:
         chosen, rejected = [g_train[c] for c, _ in train.pairs], [g_train[r] for _, r in train.pairs]
         scale, best = fit_affirmed_scale(chosen, rejected)
         weight = best if weight is None else weight
