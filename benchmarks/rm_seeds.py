@@ -12,7 +12,6 @@ validation pairs are annotate-import's and do not move, so the spread is the tra
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -32,6 +31,7 @@ def main(kind: str, seeds: str, params_file: Path, pairs: Path) -> None:
     setup_logging()
     with user_errors():
         from align2llava.config import load_base, load_section
+        from align2llava.models.reward_model import read_reward_config
         from align2llava.steps.annotations.importer import read_pairs
         from align2llava.steps.reward_training.train import TrainRewardParams, train_reward_model
 
@@ -47,7 +47,7 @@ def main(kind: str, seeds: str, params_file: Path, pairs: Path) -> None:
             with tempfile.TemporaryDirectory() as out:
                 res = train_reward_model(kind, data, params.base_model, params, image_root=base.image_root,
                                          seed=seed, out_dir=out)
-                config = json.loads((Path(out) / "reward_config.json").read_text())
+                config = read_reward_config(out)
             weight = (config.get("grounding") or {}).get("weight")
             if res.val_accuracy is None:
                 raise click.ClickException(f"{pairs}: no {kind} validation pairs")
